@@ -1,0 +1,269 @@
+"""Server-side aggregation of client LoRA updates: one pure function per method.
+
+``aggregate(method, updates, weights, **options)`` validates the inputs and returns an
+:class:`AggregationResult`. Every method's effective global update for a layer is
+
+    result.delta(layer) = B_g @ A_g (+ residual for FedEx-LoRA)      shape (out, in)
+
+where ``(A_g, B_g) = result.global_factors[layer]``. What clients receive differs per method
+(see DESIGN.md §1):
+
+========== ============================================== ======== ==========
+method     server computes                                exact?   ranks
+========== ============================================== ======== ==========
+flora      A = [A_1; …; A_K], B = [p_1 B_1, …, p_K B_K]   yes      any mix
+fedit      A = Σ p_k A_k, B = Σ p_k B_k                   no       equal
+zeropad    pad to r_max, average; client k keeps r_k      no       any mix
+flexlora   ΔW = Σ p_k B_k A_k; client k gets rank-r_k SVD yes*     any mix
+ffa        A shared and frozen, B = Σ p_k B_k             yes      equal
+fedex      fedit + residual Σ p_k B_k A_k − B̄ Ā           yes      equal
+========== ============================================== ======== ==========
+
+(*) the global update is exact; each client's truncation error is in ``truncation_error``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from flora.lora.factors import ClientUpdate, Factors, check_updates, normalize_weights
+from flora.lora.refactor import product_svd, relative_tail
+
+
+@dataclass
+class AggregationResult:
+    """What a method produced, for every layer.
+
+    ``global_factors[layer] = (A_g, B_g)``: the adapter whose product is the global update
+    (stacked for ``flora``, averaged for ``fedit``/``zeropad``/``fedex``, exact SVD factors
+    for ``flexlora``). ``client_factors[k][layer]``: what client ``k`` continues from, when it
+    differs per client (``zeropad``, ``flexlora``). ``residual[layer]``: the dense correction
+    FedEx-LoRA adds into the base weights.
+    """
+
+    method: str
+    weights: list[float]
+    global_factors: dict[str, Factors]
+    client_factors: list[dict[str, Factors]] | None = None
+    residual: dict[str, torch.Tensor] | None = None
+    truncation_error: list[dict[str, float]] | None = None  # flexlora: per client, per layer
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.global_factors)
+
+    def delta(self, layer: str) -> torch.Tensor:
+        """The dense ``(out, in)`` update this method applies to the global model for ``layer``."""
+        A, B = self.global_factors[layer]
+        update = B @ A
+        if self.residual is not None:
+            update = update + self.residual[layer]
+        return update
+
+
+# --- methods -----------------------------------------------------------------------------------
+
+def _stack(layer_factors: Sequence[Factors], weights: Sequence[float]) -> Factors:
+    """``A (Σr_k, in)`` rows of every A_k; ``B (out, Σr_k)`` columns of every p_k·B_k."""
+    A = torch.cat([A_k for A_k, _ in layer_factors], dim=0)
+    B = torch.cat([p * B_k for (_, B_k), p in zip(layer_factors, weights)], dim=1)
+    return A, B
+
+
+def _average(layer_factors: Sequence[Factors], weights: Sequence[float]) -> Factors:
+    A = sum(p * A_k for (A_k, _), p in zip(layer_factors, weights))
+    B = sum(p * B_k for (_, B_k), p in zip(layer_factors, weights))
+    return A, B
+
+
+def _by_layer(updates: Sequence[ClientUpdate]) -> dict[str, list[Factors]]:
+    return {name: [u[name] for u in updates] for name in updates[0]}
+
+
+def aggregate_flora(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AggregationResult:
+    """Stacking: ``B A = Σ p_k B_k A_k`` exactly, for any mix of ranks."""
+    stacked = {name: _stack(fs, weights) for name, fs in _by_layer(updates).items()}
+    return AggregationResult("flora", list(weights), stacked)
+
+
+def aggregate_fedit(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AggregationResult:
+    """FedIT: average ``A`` and ``B`` separately (``B̄ Ā ≠ Σ p_k B_k A_k``: cross terms)."""
+    _require_equal_ranks("fedit", updates)
+    averaged = {name: _average(fs, weights) for name, fs in _by_layer(updates).items()}
+    return AggregationResult("fedit", list(weights), averaged)
+
+
+def aggregate_zeropad(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AggregationResult:
+    """Zero-padding (HetLoRA-style): pad each ``A_k``/``B_k`` to ``r_max`` with zeros and average.
+
+    Row ``i`` of ``Ā`` is ``Σ_{k: r_k > i} p_k A_k[i]`` (the zeros count in the average, as in
+    the FLoRA paper's baseline); client ``k`` continues from ``(Ā[:r_k], B̄[:, :r_k])``.
+    """
+    global_factors: dict[str, Factors] = {}
+    for name, fs in _by_layer(updates).items():
+        r_max = max(A_k.shape[0] for A_k, _ in fs)
+        A_sum = torch.zeros(r_max, fs[0][0].shape[1], dtype=fs[0][0].dtype)
+        B_sum = torch.zeros(fs[0][1].shape[0], r_max, dtype=fs[0][1].dtype)
+        for (A_k, B_k), p in zip(fs, weights):
+            r = A_k.shape[0]
+            A_sum[:r] += p * A_k
+            B_sum[:, :r] += p * B_k
+        global_factors[name] = (A_sum, B_sum)
+    client_factors = [
+        {name: (A[: u[name][0].shape[0]], B[:, : u[name][0].shape[0]]) for name, (A, B) in global_factors.items()}
+        for u in updates
+    ]
+    return AggregationResult("zeropad", list(weights), global_factors, client_factors=client_factors)
+
+
+def aggregate_flexlora(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AggregationResult:
+    """FlexLoRA: dense ``ΔW = Σ p_k B_k A_k``; client ``k`` gets its best rank-``r_k`` approximation.
+
+    The SVD of ``ΔW`` is taken through the stacked factors (``product_svd``), so the dense
+    matrix is never decomposed: cost ~ ``(out + in) · R²`` instead of ``out · in · min(out, in)``.
+    """
+    global_factors: dict[str, Factors] = {}
+    client_factors: list[dict[str, Factors]] = [{} for _ in updates]
+    truncation_error: list[dict[str, float]] = [{} for _ in updates]
+    for name, fs in _by_layer(updates).items():
+        A_s, B_s = _stack(fs, weights)
+        U, S, Vh = product_svd(A_s, B_s)
+        root = S.sqrt()
+        B_full, A_full = U * root, root[:, None] * Vh  # (out, q), (q, in)
+        global_factors[name] = (A_full, B_full)
+        for k, (A_k, _) in enumerate(fs):
+            r = A_k.shape[0]
+            # Zero columns pad a truncation shorter than r_k so the client keeps its rank.
+            A_r = _pad_rows(A_full[:r], r)
+            B_r = _pad_rows(B_full[:, :r].T, r).T
+            client_factors[k][name] = (A_r, B_r)
+            truncation_error[k][name] = relative_tail(S, r)
+    return AggregationResult("flexlora", list(weights), global_factors, client_factors=client_factors,
+                             truncation_error=truncation_error)
+
+
+def aggregate_ffa(updates: Sequence[ClientUpdate], weights: Sequence[float], a_atol: float = 0.0) -> AggregationResult:
+    """FFA-LoRA: ``A`` is frozen and shared (same seed on every client); ``B = Σ p_k B_k``.
+
+    Exact because ``Σ p_k B_k A = (Σ p_k B_k) A``. Raises if the clients' ``A`` differ by more
+    than ``a_atol`` (they must not have trained ``A``).
+    """
+    _require_equal_ranks("ffa", updates)
+    global_factors: dict[str, Factors] = {}
+    for name, fs in _by_layer(updates).items():
+        A_0 = fs[0][0]
+        for k, (A_k, _) in enumerate(fs[1:], start=1):
+            gap = float((A_k - A_0).abs().max())
+            if gap > a_atol:
+                raise ValueError(
+                    f"ffa: client {k}, layer {name!r}: A differs from client 0's by {gap:.3g} (> a_atol={a_atol}); "
+                    "FFA-LoRA needs the same frozen A on every client"
+                )
+        B = sum(p * B_k for (_, B_k), p in zip(fs, weights))
+        global_factors[name] = (A_0, B)
+    return AggregationResult("ffa", list(weights), global_factors)
+
+
+def aggregate_fedex(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AggregationResult:
+    """FedEx-LoRA: FedIT's averages plus the dense residual ``Σ p_k B_k A_k − B̄ Ā`` (exact)."""
+    _require_equal_ranks("fedex", updates)
+    global_factors: dict[str, Factors] = {}
+    residual: dict[str, torch.Tensor] = {}
+    for name, fs in _by_layer(updates).items():
+        A_bar, B_bar = _average(fs, weights)
+        A_s, B_s = _stack(fs, weights)
+        global_factors[name] = (A_bar, B_bar)
+        residual[name] = B_s @ A_s - B_bar @ A_bar
+    return AggregationResult("fedex", list(weights), global_factors, residual=residual)
+
+
+Aggregator = Callable[..., AggregationResult]
+
+AGGREGATORS: dict[str, Aggregator] = {
+    "flora": aggregate_flora,
+    "fedit": aggregate_fedit,
+    "zeropad": aggregate_zeropad,
+    "flexlora": aggregate_flexlora,
+    "ffa": aggregate_ffa,
+    "fedex": aggregate_fedex,
+}
+METHODS: tuple[str, ...] = tuple(AGGREGATORS)
+EXACT_METHODS: frozenset[str] = frozenset({"flora", "flexlora", "ffa", "fedex"})
+EQUAL_RANK_METHODS: frozenset[str] = frozenset({"fedit", "ffa", "fedex"})
+
+
+def aggregate(
+    method: str,
+    updates: Sequence[ClientUpdate],
+    weights: Sequence[float],
+    layer_shapes: Mapping[str, tuple[int, int]] | None = None,
+    **options,
+) -> AggregationResult:
+    """Validate and aggregate client updates with ``method`` (one of :data:`METHODS`).
+
+    ``updates[k] = {layer: (A_k (r_k, in), B_k (out, r_k))}`` with scaling folded into ``B_k``;
+    ``weights`` are the ``p_k`` (non-negative, one per client; normalised to sum 1 here).
+    ``layer_shapes`` (optional) gives each layer's ``(out, in)`` to check against.
+    """
+    if method not in AGGREGATORS:
+        raise ValueError(f"unknown aggregation method {method!r}; expected one of {', '.join(METHODS)}")
+    check_updates(updates, layer_shapes)
+    p = normalize_weights(weights, num_clients=len(updates))
+    return AGGREGATORS[method](updates, p, **options)
+
+
+# --- error ---------------------------------------------------------------------------------------
+
+def reference_delta(updates: Sequence[ClientUpdate], weights: Sequence[float], layer: str) -> torch.Tensor:
+    """``Σ p_k B_k A_k`` for one layer, in float64, by the plain loop."""
+    p = normalize_weights(weights, num_clients=len(updates))
+    total = None
+    for update, p_k in zip(updates, p):
+        A_k, B_k = update[layer]
+        term = p_k * (B_k.double() @ A_k.double())
+        total = term if total is None else total + term
+    return total
+
+
+def aggregation_error(result: AggregationResult, updates: Sequence[ClientUpdate],
+                      weights: Sequence[float]) -> dict[str, float]:
+    """Relative Frobenius error ``‖Δ_method − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖``.
+
+    Returns ``{layer: error, ..., "overall": error}``; overall pools the squared norms of all
+    layers. Computed in float64.
+    """
+    errors: dict[str, float] = {}
+    err_sq_total = ref_sq_total = 0.0
+    for name in result.layer_names:
+        reference = reference_delta(updates, weights, name)
+        err_sq = float((result.delta(name).double() - reference).pow(2).sum())
+        ref_sq = float(reference.pow(2).sum())
+        errors[name] = math.sqrt(err_sq / ref_sq) if ref_sq > 0 else math.sqrt(err_sq)
+        err_sq_total += err_sq
+        ref_sq_total += ref_sq
+    errors["overall"] = math.sqrt(err_sq_total / ref_sq_total) if ref_sq_total > 0 else math.sqrt(err_sq_total)
+    return errors
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def _require_equal_ranks(method: str, updates: Sequence[ClientUpdate]) -> None:
+    for name in updates[0]:
+        ranks = [u[name][0].shape[0] for u in updates]
+        if len(set(ranks)) > 1:
+            raise ValueError(
+                f"{method}: needs equal ranks on every client, but layer {name!r} has ranks {ranks}; "
+                "use 'flora', 'zeropad' or 'flexlora' for mixed ranks"
+            )
+
+
+def _pad_rows(matrix: torch.Tensor, rows: int) -> torch.Tensor:
+    if matrix.shape[0] >= rows:
+        return matrix
+    pad = torch.zeros(rows - matrix.shape[0], matrix.shape[1], dtype=matrix.dtype)
+    return torch.cat([matrix, pad], dim=0)

@@ -1,0 +1,160 @@
+"""Adapter state as plain tensors, client weights, and validation of client updates.
+
+Conventions used across ``flora.lora`` (see DESIGN.md §1):
+
+* one client's update is ``{layer_name: (A, B)}`` with ``A`` of shape ``(r_k, in)`` and
+  ``B`` of shape ``(out, r_k)``; the LoRA scaling ``s_k`` is already folded into ``B``, so
+  the client's dense update is ``ΔW_k = B @ A`` of shape ``(out, in)``;
+* client weights ``p_k`` are non-negative and sum to one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+Factors = tuple[torch.Tensor, torch.Tensor]  # (A (r, in), B (out, r))
+ClientUpdate = Mapping[str, Factors]
+
+
+class InvalidUpdateError(ValueError):
+    """A client update that cannot be aggregated; the message names client, layer and reason."""
+
+    def __init__(self, client: int | str, layer: str | None, reason: str):
+        self.client = client
+        self.layer = layer
+        self.reason = reason
+        where = f"client {client}" + (f", layer {layer!r}" if layer is not None else "")
+        super().__init__(f"{where}: {reason}")
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
+    """LoRA's scaling ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA)."""
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def fold_scaling(A: torch.Tensor, B: torch.Tensor, scaling: float) -> Factors:
+    """Return ``(A, scaling * B)`` so that the update is the plain product ``B @ A``."""
+    return A, B * scaling
+
+
+def client_weights(
+    num_examples: Sequence[int] | None = None,
+    scheme: str = "num_examples",
+    given: Sequence[float] | None = None,
+    num_clients: int | None = None,
+) -> list[float]:
+    """Client weights ``p_k``: by data size (the paper's default), ``uniform``, or ``given``."""
+    if scheme == "num_examples":
+        if num_examples is None:
+            raise ValueError("weight scheme 'num_examples' needs the clients' example counts")
+        return normalize_weights([float(n) for n in num_examples])
+    if scheme == "uniform":
+        n = num_clients if num_clients is not None else len(num_examples or [])
+        if n <= 0:
+            raise ValueError("weight scheme 'uniform' needs at least one client")
+        return [1.0 / n] * n
+    if scheme == "given":
+        if given is None:
+            raise ValueError("weight scheme 'given' needs the weights")
+        return normalize_weights(given, num_clients)
+    raise ValueError(f"unknown weight scheme {scheme!r}; expected 'num_examples', 'uniform' or 'given'")
+
+
+def normalize_weights(weights: Sequence[float], num_clients: int | None = None) -> list[float]:
+    """Validate client weights (finite, non-negative, not all zero, one per client); scale to sum 1."""
+    values = [float(w) for w in weights]
+    if num_clients is not None and len(values) != num_clients:
+        raise ValueError(f"weights: expected one per client ({num_clients}), got {len(values)}")
+    if not values:
+        raise ValueError("weights: empty; expected one weight per client")
+    for i, w in enumerate(values):
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"weights[{i}] = {w}: expected a finite, non-negative number")
+    total = math.fsum(values)
+    if total <= 0:
+        raise ValueError("weights: all zero; expected at least one positive weight")
+    return [w / total for w in values]
+
+
+def update_rank(update: ClientUpdate) -> int:
+    """The rank of a client's update (its largest layer rank)."""
+    return max(A.shape[0] for A, _ in update.values())
+
+
+def check_update(
+    update: ClientUpdate,
+    client: int | str = 0,
+    layer_shapes: Mapping[str, tuple[int, int]] | None = None,
+    expected_layers: set[str] | None = None,
+    max_norm: float | None = None,
+) -> None:
+    """Raise :class:`InvalidUpdateError` if one client's update cannot be aggregated.
+
+    Checks: layer set (against ``expected_layers`` or ``layer_shapes``), 2-D factors whose
+    inner dimension (the rank) agrees and is >= 1, shapes against the base layer
+    ``(out, in)``, rank no larger than ``min(out, in)``, finite values, and, when
+    ``max_norm`` is given, ``‖B A‖_F <= max_norm`` per layer.
+    """
+    if not isinstance(update, Mapping) or not update:
+        raise InvalidUpdateError(client, None, "empty update: expected {layer: (A, B)} with at least one layer")
+    expected = expected_layers if expected_layers is not None else (set(layer_shapes) if layer_shapes else None)
+    if expected is not None and set(update) != expected:
+        missing = sorted(expected - set(update))
+        extra = sorted(set(update) - expected)
+        raise InvalidUpdateError(client, None, f"layer set differs: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, pair in update.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InvalidUpdateError(client, name, "expected a pair (A, B)")
+        A, B = pair
+        if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)):
+            raise InvalidUpdateError(client, name, "A and B must be torch tensors")
+        if A.ndim != 2 or B.ndim != 2:
+            raise InvalidUpdateError(client, name, f"A and B must be 2-D, got A{tuple(A.shape)} B{tuple(B.shape)}")
+        rank = A.shape[0]
+        if rank == 0 or B.shape[1] == 0:
+            raise InvalidUpdateError(client, name, "rank 0: expected rank >= 1")
+        if B.shape[1] != rank:
+            raise InvalidUpdateError(
+                client, name, f"rank mismatch: A{tuple(A.shape)} is (r, in) but B{tuple(B.shape)} is not (out, r={rank})"
+            )
+        if layer_shapes is not None:
+            out_dim, in_dim = layer_shapes[name]
+            if A.shape[1] != in_dim or B.shape[0] != out_dim:
+                raise InvalidUpdateError(
+                    client, name,
+                    f"shape A{tuple(A.shape)} B{tuple(B.shape)} does not fit layer (out={out_dim}, in={in_dim})",
+                )
+            if rank > min(out_dim, in_dim):
+                raise InvalidUpdateError(client, name, f"rank {rank} exceeds the layer's min(out, in) = {min(out_dim, in_dim)}")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise InvalidUpdateError(client, name, "non-finite values (NaN or Inf)")
+        if max_norm is not None:
+            norm = product_norm(A, B)
+            if not norm <= max_norm:
+                raise InvalidUpdateError(client, name, f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")
+
+
+def check_updates(
+    updates: Sequence[ClientUpdate],
+    layer_shapes: Mapping[str, tuple[int, int]] | None = None,
+) -> None:
+    """Check every client's update and that all clients agree on layers and (out, in) shapes."""
+    if not updates:
+        raise ValueError("updates: empty; expected one update per client")
+    reference_layers = set(layer_shapes) if layer_shapes is not None else set(updates[0])
+    shapes = dict(layer_shapes) if layer_shapes is not None else None
+    for k, update in enumerate(updates):
+        check_update(update, client=k, layer_shapes=shapes, expected_layers=reference_layers)
+        if shapes is None:  # first client defines the (out, in) every other must match
+            shapes = {name: (B.shape[0], A.shape[1]) for name, (A, B) in update.items()}
+
+
+def product_norm(A: torch.Tensor, B: torch.Tensor) -> float:
+    """``‖B A‖_F`` without forming the ``(out, in)`` product: ``sqrt(tr((BᵀB)(AAᵀ)))``."""
+    gram = (B.T.double() @ B.double()) * (A.double() @ A.T.double())
+    return float(gram.sum().clamp_min(0).sqrt())
