@@ -1,0 +1,116 @@
+"""Tokenise conversations with the model's chat template; the loss mask covers assistant turns only.
+
+The template is applied to the whole conversation once; the character spans of the assistant
+turns are found by rendering prefixes (``messages[:i]`` with the generation prompt, and
+``messages[:i+1]``), and tokens whose first character falls in a span are trained on (the
+turn's end-of-message token included, so the model learns to stop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flora.data.formats import Record
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+
+    @property
+    def num_target_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns."""
+    messages = [dict(m) for m in messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start_text = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        end_text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(start_text) and text.startswith(end_text)):
+            raise ValueError("the chat template does not render conversations prefix by prefix; "
+                             "assistant-only loss masking needs a template where it does")
+        spans.append((len(start_text), len(end_text)))
+    return text, spans
+
+
+def encode(tokenizer, record: Record, cutoff: int) -> Example | None:
+    """Token ids and labels for one conversation, cut at ``cutoff`` tokens; None if nothing to learn."""
+    text, spans = assistant_spans(tokenizer, record.messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                        truncation=True, max_length=cutoff)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    labels = []
+    span_index = 0
+    for token, (start, _end) in zip(ids, offsets):
+        while span_index < len(spans) and start >= spans[span_index][1]:
+            span_index += 1
+        inside = span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1]
+        labels.append(token if inside else IGNORE_INDEX)
+    example = Example(input_ids=list(ids), labels=labels)
+    return example if example.num_target_tokens else None
+
+
+@dataclass
+class EncodeReport:
+    encoded: int = 0
+    dropped_no_target: int = 0  # cut before the first assistant token
+    truncated: int = 0  # longer than cutoff
+
+
+def encode_all(tokenizer, records: Sequence[Record], cutoff: int) -> tuple[list[Example], EncodeReport]:
+    report = EncodeReport()
+    examples = []
+    for record in records:
+        example = encode(tokenizer, record, cutoff)
+        if example is None:
+            report.dropped_no_target += 1
+            continue
+        report.truncated += len(example.input_ids) >= cutoff
+        examples.append(example)
+    report.encoded = len(examples)
+    return examples, report
+
+
+def pack(examples: Sequence[Example], length: int) -> list[Example]:
+    """Concatenate examples into sequences of exactly ``length`` tokens (the last one may be shorter).
+
+    Attention is not reset at example boundaries (plain packing, as in most SFT recipes): a
+    packed example can attend to the previous one's tokens. Use it for throughput, not for
+    exact per-example losses.
+    """
+    packed, ids, labels = [], [], []
+    for example in examples:
+        ids.extend(example.input_ids)
+        labels.extend(example.labels)
+        while len(ids) >= length:
+            packed.append(Example(ids[:length], labels[:length]))
+            ids, labels = ids[length:], labels[length:]
+    if ids and any(t != IGNORE_INDEX for t in labels):
+        packed.append(Example(ids, labels))
+    return packed
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: ``input_ids``, ``attention_mask``, ``labels`` of shape (batch, T)."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
