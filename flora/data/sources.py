@@ -94,7 +94,9 @@ def read_rows(path: Path, allow_truncated: bool = False) -> tuple[list, int]:
     except json.JSONDecodeError as exc:
         if allow_truncated and text.lstrip().startswith("["):
             return recover_json_array(text, str(path))
-        hint = "; the file looks truncated" if exc.pos >= len(text.rstrip()) - 1 else ""
+        stripped = text.strip()
+        hint = "; the file looks truncated (it does not end with ']')" \
+            if stripped.startswith("[") and not stripped.endswith("]") else ""
         raise DataError(f"data {path}: line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg}){hint}") from exc
     if isinstance(value, Mapping):  # {"data": [...]} or {"train": [...]}
         lists = [v for v in value.values() if isinstance(v, list)]

@@ -112,7 +112,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # the GGUF reader raises struct/Value/Key errors on bad files
         raise ModelLoadError(f"GGUF file {gguf}: cannot be loaded by transformers ({exc}); expected a GGUF of a "
                              "causal-LM architecture transformers supports (llama, mistral, qwen2, ...)") from exc
     target.parent.mkdir(parents=True, exist_ok=True)
