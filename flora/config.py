@@ -1,0 +1,158 @@
+"""One typed run configuration, validated at load. TOML files in ``configs/``; ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flora.lora.aggregate import METHODS
+
+RUN_MODES = ("centralized", "standalone")
+ALL_METHODS = METHODS + RUN_MODES
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A config value that is missing, unknown or out of range; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    # assets
+    model: str = "embedded"  # 'embedded' (SmolLM2-135M-Instruct), a HF directory or a .gguf file
+    data: str = "embedded"  # 'embedded' (ShareGPT V3) or a JSON/JSONL file / datasets directory
+    format: str = "auto"
+    max_examples: int = 2000  # seeded sample of the data used (0 = all)
+    cutoff: int = 256  # tokens per example
+    # federation
+    method: str = "flora"
+    num_clients: int = 4
+    ranks: list[int] = field(default_factory=lambda: [16, 8, 4, 4])  # one per client, or one for all
+    rounds: int = 3
+    sample_fraction: float = 1.0
+    min_clients: int = 1
+    weighting: str = "num_examples"  # or 'uniform'
+    partition: str = "dirichlet"  # iid | dirichlet | quantity
+    dirichlet_alpha: float = 0.5
+    test_fraction: float = 0.05
+    max_update_norm: float = 0.0  # reject client updates with ‖B A‖_F above this (0 = no bound)
+    broadcast: str = "smallest"  # smallest | stacked | refactorized | dense
+    # LoRA and local training
+    alpha_per_rank: float = 2.0  # alpha_k = alpha_per_rank * r_k (the paper's scaling 2 for every rank)
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    local_steps: int = 5
+    batch_size: int = 8
+    micro_batch_size: int = 4
+    lr: float = 3e-4
+    # evaluation and run
+    eval_examples: int = 64  # global test examples scored every round (0 = all)
+    seed: int = 0
+    threads: int = 0  # torch threads (0 = torch's default)
+    out_dir: str = "runs/latest"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def client_rank(self, client: int) -> int:
+        return self.ranks[0] if len(self.ranks) == 1 else self.ranks[client]
+
+    def validate(self) -> None:
+        if self.method not in ALL_METHODS:
+            raise ConfigError(f"method = {self.method!r}: expected one of {', '.join(ALL_METHODS)}")
+        for key in ("num_clients", "rounds", "local_steps", "batch_size", "micro_batch_size", "cutoff", "min_clients"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} = {getattr(self, key)}: expected an integer >= 1")
+        if not self.ranks or any(r < 1 for r in self.ranks):
+            raise ConfigError(f"ranks = {self.ranks}: expected ranks >= 1 (one for all, or one per client)")
+        if len(self.ranks) not in (1, self.num_clients):
+            raise ConfigError(f"ranks = {self.ranks}: expected 1 or num_clients = {self.num_clients} values")
+        if self.method in ("fedit", "ffa", "fedex") and len(set(self.ranks)) > 1:
+            raise ConfigError(f"method = {self.method!r} needs equal ranks, got ranks = {self.ranks}")
+        if not 0 < self.sample_fraction <= 1:
+            raise ConfigError(f"sample_fraction = {self.sample_fraction}: expected a value in (0, 1]")
+        if self.min_clients > self.num_clients:
+            raise ConfigError(f"min_clients = {self.min_clients} exceeds num_clients = {self.num_clients}")
+        if self.weighting not in ("num_examples", "uniform"):
+            raise ConfigError(f"weighting = {self.weighting!r}: expected 'num_examples' or 'uniform'")
+        if self.partition not in ("iid", "dirichlet", "quantity"):
+            raise ConfigError(f"partition = {self.partition!r}: expected 'iid', 'dirichlet' or 'quantity'")
+        if self.broadcast not in ("smallest", "stacked", "refactorized", "dense"):
+            raise ConfigError(f"broadcast = {self.broadcast!r}: expected smallest, stacked, refactorized or dense")
+        if not self.lr > 0 or not self.alpha_per_rank > 0 or not 0 <= self.dropout < 1:
+            raise ConfigError("lr and alpha_per_rank must be > 0 and dropout in [0, 1)")
+        if self.max_update_norm < 0 or self.max_examples < 0 or self.eval_examples < 0:
+            raise ConfigError("max_update_norm, max_examples and eval_examples must be >= 0")
+        if not self.targets:
+            raise ConfigError("targets: expected at least one module name (e.g. q_proj)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        coerced = {key: _coerce(key, value, hints[key], source) for key, value in values.items()}
+        return cls(**coerced)
+
+
+def _coerce(key: str, value, hint, source: str):
+    """Convert ``value`` (TOML value or ``--set`` string) to the field's type, or raise naming the key."""
+    origin = typing.get_origin(hint)
+    try:
+        if origin is list:
+            (item,) = typing.get_args(hint)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            elif not isinstance(value, list):
+                value = [value]
+            return [item(v) for v in value]
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return hint(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {key} = {value!r}: expected {getattr(hint, '__name__', hint)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML file (flat keys, or under ``[run]``) and apply ``key=value`` overrides."""
+    values: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: invalid TOML ({exc})") from exc
+        values.update(data.get("run", data))
+        source = str(path)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        values[key.strip().replace("-", "_")] = value.strip()
+    return RunConfig.from_dict(values, source)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    import tomli_w
+    path.write_text(tomli_w.dumps({"run": config.to_dict()}))

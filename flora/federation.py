@@ -1,0 +1,373 @@
+"""Federated rounds as plain Python: what the server computes and what a client does, no ``flwr``.
+
+The Flower apps (``server_app.py``, ``client_app.py``) are thin skins over :class:`FederationServer`
+and :class:`FederationClient`; :func:`run_in_process` drives the same logic in one process.
+
+Global state after round ``t`` is the base weights plus every round's ``merge`` part, plus the
+latest global adapter (FedIT-style methods keep training it):
+
+* ``flora``: ``merge`` = the stacked update ``Σ p_k B_k A_k`` (in its smallest exact form);
+  clients start a fresh adapter of their rank every round;
+* ``fedit`` / ``ffa`` / ``zeropad`` / ``flexlora``: ``adapter`` = the aggregated adapter (per
+  client for ``zeropad``/``flexlora``), which clients continue training;
+* ``fedex``: ``adapter`` = averages, ``merge`` = the dense residual;
+* ``standalone``: each client continues its own adapter, nothing is aggregated;
+* ``centralized``: one client holding all training data, FLoRA rounds.
+
+Catch-up: the server keeps the list of round updates and, per node, how many of them that node
+has applied; a message carries the ones it lacks. A client process that holds fewer (it restarted)
+says so in its reply, is left out of that round, and gets the full list next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from flora.config import RunConfig
+from flora.data.partition import Partition, partition
+from flora.data.sources import load_records
+from flora.data.tokenize import Example, encode_all
+from flora.lora.aggregate import aggregate, aggregation_error
+from flora.lora.factors import Factors, InvalidUpdateError, check_update, client_weights
+from flora.lora.refactor import refactorize, smallest_exact_form
+from flora.models.loader import check_target_modules, load_model
+from flora.train import LoraSpec, TrainSpec, evaluate_loss, layer_shapes, merge_update, train_client
+
+log = logging.getLogger("flora")
+
+Merge = Factors | torch.Tensor  # (A, B) whose product is added, or a dense (out, in) tensor
+
+
+@dataclass
+class RoundUpdate:
+    """What one round changes in the global state (see the module docstring)."""
+
+    round: int
+    merge: dict[str, Merge] = field(default_factory=dict)
+    adapter: dict[str, Factors] | None = None
+    truncate: bool = False  # zeropad / flexlora: client k continues from the first r_k ranks of ``adapter``
+    client_adapters: dict[int, dict[str, Factors]] | None = None  # standalone: each client's own adapter
+    forms: dict[str, int] = field(default_factory=dict)  # broadcast form -> number of layers
+
+    def nbytes(self, rank: int) -> int:
+        """Bytes a client of ``rank`` receives for this update.
+
+        A truncating method sends each client only its first ``rank`` ranks; a standalone client's
+        adapter never leaves it in a real deployment and counts 0.
+        """
+        total = sum(_nbytes(m) for m in self.merge.values())
+        if self.adapter is not None:
+            for A, B in self.adapter.values():
+                kept = min(rank, A.shape[0]) if self.truncate else A.shape[0]
+                total += kept * (A.shape[1] + B.shape[0]) * A.element_size()
+        return total
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    return sum(_nbytes(o) for o in obj)
+
+
+@dataclass
+class ClientReply:
+    client: int  # partition id
+    node: str
+    factors: dict[str, Factors] | None
+    num_examples: int = 0
+    train_loss: float = math.nan
+    tokens: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    applied: int = 0  # round updates the client's model holds after this round's catch-up
+
+
+# --- assets ------------------------------------------------------------------------------------
+
+@dataclass
+class Assets:
+    model: torch.nn.Module
+    tokenizer: object
+    partition: Partition
+    records: list
+    layer_shapes: dict[str, tuple[int, int]]
+    _encoded: dict = field(default_factory=dict)
+
+    def examples(self, which: str, cutoff: int, limit: int = 0) -> list[Example]:
+        """Tokenised examples of a split: ``train:K``, ``test:K`` (client K) or ``test`` (global)."""
+        key = (which, cutoff, limit)
+        if key not in self._encoded:
+            if which == "test":
+                indices = self.partition.test
+            elif which == "train:all":
+                indices = sorted(i for c in self.partition.clients for i in c)
+            else:
+                kind, k = which.split(":")
+                indices = (self.partition.clients if kind == "train" else self.partition.client_tests)[int(k)]
+            if limit:
+                indices = indices[:limit]
+            self._encoded[key] = encode_all(self.tokenizer, [self.records[i] for i in indices], cutoff)[0]
+        return self._encoded[key]
+
+
+_ASSETS: dict[str, Assets] = {}
+
+
+def load_assets(config: RunConfig) -> Assets:
+    """Model, tokenizer, records and partition for ``config``; cached per process (a fresh model copy
+    per cache entry, so server and clients in one process must use separate keys)."""
+    key = "|".join(str(v) for v in (config.model, config.data, config.format, config.max_examples, config.num_clients,
+                                    config.partition, config.dirichlet_alpha, config.test_fraction, config.seed,
+                                    config.method == "centralized"))
+    if key not in _ASSETS:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        loaded = load_model(config.model)
+        check_target_modules(loaded.model, config.targets)
+        records, _ = load_records(config.data, fmt=config.format)
+        num_clients = 1 if config.method == "centralized" else config.num_clients
+        split = partition(records, num_clients, scheme=config.partition if num_clients > 1 else "iid",
+                          alpha=config.dirichlet_alpha, seed=config.seed, test_fraction=config.test_fraction,
+                          max_examples=config.max_examples or None)
+        _ASSETS[key] = Assets(model=loaded.model, tokenizer=loaded.tokenizer, partition=split, records=records,
+                              layer_shapes=layer_shapes(loaded.model, config.targets))
+    return _ASSETS[key]
+
+
+def clear_assets() -> None:
+    _ASSETS.clear()
+
+
+# --- global model state (held by the server and by every client process) -----------------------
+
+class GlobalState:
+    """Base weights with every applied ``merge``, and the latest adapters."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.applied = 0  # number of round updates merged into ``model``
+        self.adapter: dict[str, Factors] | None = None
+        self.client_adapters: dict[int, dict[str, Factors]] = {}
+
+    def apply(self, updates: Sequence[RoundUpdate], first_index: int) -> None:
+        """Apply ``updates`` (history entries ``first_index, first_index + 1, ...``) not yet applied."""
+        if first_index > self.applied:
+            raise RuntimeError(f"out of sync: holds {self.applied} round updates, message starts at {first_index}")
+        for index, update in enumerate(updates, start=first_index):
+            if index < self.applied:
+                continue
+            merge_update(self.model, {name: _dense(m) for name, m in update.merge.items()})
+            if update.adapter is not None:
+                self.adapter = update.adapter
+            if update.client_adapters is not None:
+                self.client_adapters.update(update.client_adapters)
+            self.applied = index + 1
+
+    def init_factors(self, client: int, rank: int, truncate: bool) -> dict[str, Factors] | None:
+        """The adapter client ``client`` continues from (None: a fresh one)."""
+        if client in self.client_adapters:
+            return self.client_adapters[client]
+        if self.adapter is None or not truncate:
+            return self.adapter
+        return {name: truncate_factors(A, B, rank) for name, (A, B) in self.adapter.items()}
+
+    def evaluate(self, tokenizer, examples: Sequence[Example], adapter: Mapping[str, Factors] | None,
+                 batch_size: int = 8) -> float:
+        """Loss of base + ``adapter`` (merged temporarily; the base weights are restored bit for bit)."""
+        adapter = adapter or {}
+        saved = {name: self.model.get_submodule(name).weight.detach().clone() for name in adapter}
+        merge_update(self.model, {name: B @ A for name, (A, B) in adapter.items()})
+        try:
+            return evaluate_loss(self.model, tokenizer, examples, batch_size)
+        finally:
+            with torch.no_grad():
+                for name, weight in saved.items():
+                    self.model.get_submodule(name).weight.copy_(weight)
+
+
+def truncate_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> Factors:
+    """The first ``rank`` ranks of ``(A, B)``, zero-padded when there are fewer (HetLoRA/FlexLoRA rule)."""
+    A_r, B_r = A[:rank], B[:, :rank]
+    if A_r.shape[0] < rank:
+        pad = rank - A_r.shape[0]
+        A_r = torch.cat([A_r, A.new_zeros(pad, A.shape[1])])
+        B_r = torch.cat([B_r, B.new_zeros(B.shape[0], pad)], dim=1)
+    return A_r, B_r
+
+
+def _dense(merge: Merge) -> torch.Tensor:
+    if isinstance(merge, torch.Tensor):
+        return merge
+    A, B = merge
+    return B @ A
+
+
+# --- client -----------------------------------------------------------------------------------
+
+def lora_spec(config: RunConfig, rank: int) -> LoraSpec:
+    return LoraSpec(rank=rank, alpha=config.alpha_per_rank * rank, dropout=config.dropout,
+                    targets=tuple(config.targets), freeze_a=config.method == "ffa")
+
+
+class FederationClient:
+    """One client process: keeps the global state in sync and trains a partition's adapter."""
+
+    _states: dict[int, GlobalState] = {}
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.assets = load_assets(config)
+        self.state = self._states.setdefault(id(self.assets.model), GlobalState(self.assets.model))
+
+    def train(self, client: int, node: str, round_: int, first_index: int, updates: Sequence[RoundUpdate],
+              rank: int | None = None) -> ClientReply:
+        config = self.config
+        try:
+            self.state.apply(updates, first_index)
+        except RuntimeError as exc:
+            return ClientReply(client=client, node=node, factors=None, error=f"resync: {exc}",
+                               applied=self.state.applied)
+        rank = rank or (max(config.ranks) if config.method == "centralized" else config.client_rank(client))
+        split = "train:all" if config.method == "centralized" else f"train:{client}"
+        examples = self.assets.examples(split, config.cutoff)
+        steps = config.local_steps * (config.num_clients if config.method == "centralized" else 1)
+        train_spec = TrainSpec(steps=steps, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
+                               lr=config.lr, seed=config.seed * 100_003 + round_ * 1_009 + client)
+        # FedIT-style methods start round 1 from one shared initialisation, FLoRA from a fresh one per client.
+        shared_init = config.method in ("fedit", "ffa", "fedex", "zeropad", "flexlora")
+        init_seed = config.seed * 7919 + (0 if shared_init else round_ * 1_009 + client + 1)
+        init_factors = None if config.method in ("flora", "centralized") else \
+            self.state.init_factors(client, rank, truncate=config.method in ("zeropad", "flexlora"))
+        result = train_client(self.state.model, self.assets.tokenizer, examples, lora_spec(config, rank),
+                              train_spec, init_seed=init_seed, init_factors=init_factors)
+        return ClientReply(client=client, node=node, factors=result.factors, num_examples=result.num_examples,
+                           train_loss=result.train_loss, tokens=result.tokens, seconds=result.seconds,
+                           applied=self.state.applied)
+
+
+# --- server -----------------------------------------------------------------------------------
+
+class FederationServer:
+    """Round bookkeeping, validation, aggregation, broadcast forms and evaluation."""
+
+    def __init__(self, config: RunConfig, assets: Assets):
+        self.config = config
+        self.assets = assets
+        self.state = GlobalState(assets.model)
+        self.history: list[RoundUpdate] = []
+        self.node_applied: dict[str, int] = {}  # how many history entries each node's model holds
+        self.metrics: list[dict] = []
+
+    # messages ---------------------------------------------------------------------------------
+    def updates_for(self, node: str) -> tuple[int, list[RoundUpdate]]:
+        """The history entries ``node`` lacks: ``(first_index, updates)``."""
+        start = self.node_applied.get(node, 0)
+        return start, self.history[start:]
+
+    def download_bytes(self, node: str, rank: int) -> int:
+        start, updates = self.updates_for(node)
+        return sum(u.nbytes(rank) for u in updates)
+
+    # aggregation ------------------------------------------------------------------------------
+    def aggregate_round(self, round_: int, replies: Sequence[ClientReply], bytes_down: int,
+                        started: float) -> dict:
+        config = self.config
+        accepted, failed, rejected = [], [], []
+        for reply in replies:
+            self.node_applied[reply.node] = reply.applied
+            if reply.error is not None:
+                failed.append(reply)
+                log.warning("round %d: client %d (node %s) failed: %s", round_, reply.client, reply.node, reply.error)
+                continue
+            try:
+                check_update(reply.factors, client=reply.client, layer_shapes=self.assets.layer_shapes,
+                             max_norm=config.max_update_norm or None)
+            except InvalidUpdateError as exc:
+                rejected.append(reply)
+                log.warning("round %d: rejected update: %s", round_, exc)
+                continue
+            accepted.append(reply)
+        bytes_up = sum(_nbytes(f) for r in replies if r.factors for f in r.factors.values())
+        record = {"round": round_, "method": config.method, "clients_ok": len(accepted),
+                  "clients_failed": len(failed), "clients_rejected": len(rejected),
+                  "bytes_up": bytes_up, "bytes_down": bytes_down}
+        if len(accepted) < config.min_clients:
+            log.warning("round %d: %d accepted updates < min_clients=%d; global model unchanged",
+                        round_, len(accepted), config.min_clients)
+            update, error = RoundUpdate(round=round_), math.nan
+        else:
+            update, error = self._aggregate(round_, accepted)
+        self.history.append(update)
+        self.state.apply([update], len(self.history) - 1)
+        record["aggregation_error"] = error
+        record["broadcast_forms"] = update.forms
+        record["train_loss"] = _weighted_mean([r.train_loss for r in accepted], [r.num_examples for r in accepted])
+        record["test_loss"] = self.evaluate()
+        record["seconds"] = time.perf_counter() - started
+        self.metrics.append(record)
+        return record
+
+    def _aggregate(self, round_: int, accepted: Sequence[ClientReply]) -> tuple[RoundUpdate, float]:
+        config = self.config
+        updates = [r.factors for r in accepted]
+        weights = client_weights([r.num_examples for r in accepted], scheme=config.weighting,
+                                 num_clients=len(accepted))
+        if config.method == "standalone":
+            return RoundUpdate(round=round_, client_adapters={r.client: r.factors for r in accepted}), 0.0
+        method = "flora" if config.method == "centralized" else config.method
+        result = aggregate(method, updates, weights, layer_shapes=self.assets.layer_shapes)
+        error = aggregation_error(result, updates, weights)["overall"]
+        update = RoundUpdate(round=round_)
+        if method == "flora":
+            for name, (A, B) in result.global_factors.items():
+                form, merge = self._broadcast_form(A, B)
+                update.merge[name] = merge
+                update.forms[form] = update.forms.get(form, 0) + 1
+        else:
+            update.adapter = result.global_factors
+            update.truncate = result.client_factors is not None
+            if result.residual is not None:
+                update.merge = dict(result.residual)
+        return update, error
+
+    def _broadcast_form(self, A: torch.Tensor, B: torch.Tensor) -> tuple[str, Merge]:
+        form = self.config.broadcast
+        out_dim, in_dim = B.shape[0], A.shape[1]
+        if form == "smallest":
+            form = smallest_exact_form(A.shape[0], min(A.shape[0], out_dim, in_dim), out_dim, in_dim).form
+        if form == "dense":
+            return form, B @ A
+        if form == "refactorized":
+            private = refactorize(A, B)
+            return form, (private.A, private.B)
+        return form, (A, B)
+
+    # evaluation -------------------------------------------------------------------------------
+    def test_examples(self) -> list[Example]:
+        return self.assets.examples("test", self.config.cutoff, self.config.eval_examples)
+
+    def evaluate(self) -> float:
+        examples = self.test_examples()
+        if self.config.method == "standalone":
+            losses = [self.state.evaluate(self.assets.tokenizer, examples, adapter)
+                      for adapter in self.state.client_adapters.values()]
+            return float(sum(losses) / len(losses)) if losses else math.nan
+        return self.state.evaluate(self.assets.tokenizer, examples, self.state.adapter)
+
+
+def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    total = sum(weights)
+    return float(sum(v * w for v, w in zip(values, weights)) / total) if total else math.nan
+
+
+def sample_clients(num_clients: int, fraction: float, min_clients: int, round_: int, seed: int) -> list[int]:
+    """Seeded client sampling for a round: ``max(min_clients, round(fraction · N))`` clients."""
+    count = min(num_clients, max(min_clients, int(round(fraction * num_clients))))
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + round_)
+    return sorted(torch.randperm(num_clients, generator=generator)[:count].tolist())

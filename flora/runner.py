@@ -1,0 +1,98 @@
+"""Run a federation and write its results: ``OUT/metrics.jsonl``, ``OUT/config.toml``, ``OUT/partition.json``."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flora.config import RunConfig, save_config
+from flora.federation import FederationClient, FederationServer, load_assets, sample_clients
+
+METRIC_KEYS = ("round", "method", "aggregation_error", "train_loss", "test_loss", "bytes_up", "bytes_down",
+               "clients_ok", "clients_failed", "seconds")
+
+
+class ResultsWriter:
+    """Creates the out dir, saves config and partition report, appends one JSON line per round."""
+
+    def __init__(self, config: RunConfig, partition_report: dict):
+        self.out = Path(config.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(config, self.out / "config.toml")
+        (self.out / "partition.json").write_text(json.dumps(partition_report, indent=2))
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.metrics_path.write_text("")
+
+    def write(self, record: dict) -> None:
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+
+
+def _jsonable(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def server_for(config: RunConfig) -> FederationServer:
+    """A server with its own copy of the model (clients in this process share the cached one)."""
+    assets = load_assets(config)
+    server_assets = dataclasses.replace(assets, model=copy.deepcopy(assets.model))
+    server_assets._encoded = assets._encoded  # share tokenised examples, not weights
+    return FederationServer(config, server_assets)
+
+
+def run_in_process(config: RunConfig, progress: Callable[[str], None] = print,
+                   fail: Callable[[int, int], bool] | None = None) -> list[dict]:
+    """All rounds in this process (no Flower): the reference the Flower run is checked against.
+
+    ``fail(round, client)`` returning True makes that client error in that round (dropout tests).
+    """
+    server = server_for(config)
+    client = FederationClient(config)
+    writer = ResultsWriter(config, server.assets.partition.report())
+    num_clients = 1 if config.method == "centralized" else config.num_clients
+    progress(f"[flora] {config.method}: {num_clients} clients, ranks {config.ranks}, {config.rounds} rounds, "
+             f"{config.local_steps} local steps; initial test loss {server.evaluate():.4f}")
+    for round_ in range(1, config.rounds + 1):
+        started = time.perf_counter()
+        replies, bytes_down = [], 0
+        for k in sample_clients(num_clients, config.sample_fraction, min(config.min_clients, num_clients),
+                                round_, config.seed):
+            node = f"node-{k}"
+            first, updates = server.updates_for(node)
+            rank = max(config.ranks) if config.method == "centralized" else config.client_rank(k)
+            bytes_down += server.download_bytes(node, rank)
+            if fail is not None and fail(round_, k):
+                from flora.federation import ClientReply
+                replies.append(ClientReply(client=k, node=node, factors=None, error="injected failure",
+                                           applied=server.node_applied.get(node, 0)))
+                continue
+            reply = client.train(k, node, round_, first, updates)
+            progress(f"  round {round_} client {k} (rank {rank}): train loss {reply.train_loss:.4f}, "
+                     f"{reply.tokens / max(reply.seconds, 1e-9):.0f} tok/s")
+            replies.append(reply)
+        record = server.aggregate_round(round_, replies, bytes_down, started)
+        writer.write(record)
+        progress(format_round(record))
+    return server.metrics
+
+
+def format_round(record: dict) -> str:
+    return (f"[round {record['round']}] test loss {record['test_loss']:.4f}  train loss {record['train_loss']:.4f}  "
+            f"agg. error {record['aggregation_error']:.2e}  up {record['bytes_up'] / 2**20:.1f} MiB  "
+            f"down {record['bytes_down'] / 2**20:.1f} MiB  clients ok/failed {record['clients_ok']}/"
+            f"{record['clients_failed']}  {record['seconds']:.1f}s")
+
+
+def results_table(metrics: list[dict]) -> str:
+    lines = ["| round | method | test loss | train loss | agg. error | MiB up | MiB down | ok/failed | s |",
+             "|---:|---|---:|---:|---:|---:|---:|---|---:|"]
+    for r in metrics:
+        lines.append(f"| {r['round']} | {r['method']} | {r['test_loss']:.4f} | {r['train_loss']:.4f} | "
+                     f"{r['aggregation_error']:.2e} | {r['bytes_up'] / 2**20:.2f} | {r['bytes_down'] / 2**20:.2f} | "
+                     f"{r['clients_ok']}/{r['clients_failed']} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
