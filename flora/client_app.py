@@ -1,0 +1,35 @@
+"""Flower skin, client side: decode the round's payload, call :class:`FederationClient`, encode the reply."""
+
+from __future__ import annotations
+
+import json
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flora.config import RunConfig
+from flora.federation import FederationClient
+from flora.strategy import decode_updates, encode_factors
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    meta = msg.content["config"]
+    config = RunConfig.from_dict(json.loads(str(meta["flora-config"])), "message")
+    partition_id = int(context.node_config["partition-id"])
+    # Deployment: each SuperNode may set its own rank with --node-config "lora-rank=16".
+    rank = int(context.node_config["lora-rank"]) if "lora-rank" in context.node_config else None
+    first, count = int(meta["first-index"]), int(meta["num-updates"])
+    updates = decode_updates(msg.content["arrays"], first, count, int(meta["truncated-rank"]) or None)
+    client = FederationClient(config)
+    reply = client.train(partition_id, str(context.node_id), int(meta["server-round"]), first, updates, rank=rank)
+    used_rank = rank or (max(config.ranks) if config.method == "centralized" else config.client_rank(partition_id))
+    content = RecordDict({
+        "arrays": encode_factors(reply.factors) if reply.factors else ArrayRecord(),
+        "metrics": MetricRecord({"num-examples": reply.num_examples, "train-loss": float(reply.train_loss),
+                                 "tokens": reply.tokens, "seconds": reply.seconds, "applied": reply.applied}),
+        "config": ConfigRecord({"partition-id": partition_id, "rank": used_rank, "error": reply.error or ""}),
+    })
+    return Message(content=content, reply_to=msg)

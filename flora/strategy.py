@@ -1,0 +1,161 @@
+"""Flower skin, server side: a Message-API Strategy that delegates to :class:`FederationServer`.
+
+Wire format (``ArrayRecord`` key → tensor, ``ConfigRecord`` for the metadata):
+
+* server → client: ``u{i}.m.{layer}.A|B`` (merge factors) or ``u{i}.m.{layer}.D`` (dense merge),
+  ``u{i}.a.{layer}.A|B`` (adapter, truncated to the node's rank where the method truncates);
+  config ``flora-config`` (run config JSON), ``first-index``, ``num-updates``, ``server-round``;
+* client → server: ``{layer}.A|B`` factors; metrics ``num-examples``, ``train-loss``, ``tokens``,
+  ``seconds``, ``applied``; config ``partition-id``, ``rank``, ``error`` (empty when fine).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from flora.config import RunConfig
+from flora.federation import ClientReply, FederationServer, RoundUpdate, sample_clients, truncate_factors
+from flora.runner import ResultsWriter, format_round
+
+log = logging.getLogger("flora")
+
+
+# --- codec (shared with client_app) --------------------------------------------------------------
+
+def encode_updates(updates: Sequence[RoundUpdate], first_index: int, rank: int | None) -> ArrayRecord:
+    tensors: dict[str, torch.Tensor] = {}
+    for i, update in enumerate(updates, start=first_index):
+        for name, merge in update.merge.items():
+            if isinstance(merge, torch.Tensor):
+                tensors[f"u{i}.m.{name}.D"] = merge
+            else:
+                tensors[f"u{i}.m.{name}.A"], tensors[f"u{i}.m.{name}.B"] = merge
+        for name, (A, B) in (update.adapter or {}).items():
+            if update.truncate and rank is not None:
+                A, B = truncate_factors(A, B, rank)
+            tensors[f"u{i}.a.{name}.A"], tensors[f"u{i}.a.{name}.B"] = A, B
+    return ArrayRecord(torch_state_dict={k: v.contiguous() for k, v in tensors.items()})
+
+
+def decode_updates(arrays: ArrayRecord, first_index: int, count: int, truncated_rank: int | None) -> list[RoundUpdate]:
+    state = arrays.to_torch_state_dict() if len(arrays) else {}
+    updates = [RoundUpdate(round=0) for _ in range(count)]
+    pairs: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        head, kind, rest = key.split(".", 2)
+        layer, part = rest.rsplit(".", 1)
+        index = int(head[1:]) - first_index
+        if kind == "m" and part == "D":
+            updates[index].merge[layer] = tensor
+        else:
+            pairs.setdefault((index, kind, layer), {})[part] = tensor
+    for (index, kind, layer), parts in pairs.items():
+        factors = (parts["A"], parts["B"])
+        if kind == "m":
+            updates[index].merge[layer] = factors
+        else:
+            if updates[index].adapter is None:
+                updates[index].adapter = {}
+            updates[index].adapter[layer] = factors
+    return updates
+
+
+def encode_factors(factors: dict) -> ArrayRecord:
+    tensors = {}
+    for name, (A, B) in factors.items():
+        tensors[f"{name}.A"], tensors[f"{name}.B"] = A.contiguous(), B.contiguous()
+    return ArrayRecord(torch_state_dict=tensors)
+
+
+def decode_factors(arrays: ArrayRecord) -> dict:
+    state = arrays.to_torch_state_dict()
+    return {name[:-2]: (state[name], state[name[:-2] + ".B"]) for name in state if name.endswith(".A")}
+
+
+# --- strategy ----------------------------------------------------------------------------------
+
+class FloraStrategy(FedAvg):
+    """FedAvg's round loop with FLoRA's sampling, catch-up payloads and aggregation."""
+
+    def __init__(self, config: RunConfig, server: FederationServer, writer: ResultsWriter | None = None,
+                 progress=print):
+        super().__init__(fraction_train=config.sample_fraction, fraction_evaluate=0.0,
+                         min_train_nodes=config.min_clients, min_available_nodes=config.min_clients)
+        self.config = config
+        self.server = server
+        self.writer = writer
+        self.progress = progress
+        self.node_rank: dict[str, int] = {}  # learnt from replies; used to truncate adapters
+        self._round_started = 0.0
+        self._bytes_down = 0
+        self._num_sent = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._round_started = time.perf_counter()
+        node_ids = sorted(grid.get_node_ids())
+        chosen = [node_ids[i] for i in sample_clients(len(node_ids), self.config.sample_fraction,
+                                                       min(self.config.min_clients, len(node_ids)),
+                                                       server_round, self.config.seed)]
+        messages, self._bytes_down = [], 0
+        for node_id in chosen:
+            node = str(node_id)
+            first, updates = self.server.updates_for(node)
+            rank = self.node_rank.get(node)
+            payload = encode_updates(updates, first, rank)
+            self._bytes_down += payload.count_bytes()
+            meta = ConfigRecord({"flora-config": self.config.to_json(), "first-index": first,
+                                 "num-updates": len(updates), "server-round": server_round,
+                                 "truncated-rank": rank or 0})
+            message = Message(content=RecordDict({"arrays": payload, "config": meta}), dst_node_id=node_id,
+                              message_type="train")
+            messages.append(message)
+        self._num_sent = len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        parsed = []
+        for message in replies:
+            node = str(message.metadata.src_node_id)
+            if message.has_error():
+                error = message.error
+                parsed.append(ClientReply(client=-1, node=node, factors=None,
+                                          error=f"{error.code}: {error.reason}",
+                                          applied=self.server.node_applied.get(node, 0)))
+                continue
+            meta, metrics = message.content["config"], message.content["metrics"]
+            client, error = int(meta["partition-id"]), str(meta["error"]) or None
+            self.node_rank[node] = int(meta["rank"])
+            factors = None if error else decode_factors(message.content["arrays"])
+            parsed.append(ClientReply(client=client, node=node, factors=factors,
+                                      num_examples=int(metrics["num-examples"]),
+                                      train_loss=float(metrics["train-loss"]), tokens=int(metrics["tokens"]),
+                                      seconds=float(metrics["seconds"]), error=error, applied=int(metrics["applied"])))
+            if not error:
+                self.progress(f"  round {server_round} client {client} (rank {meta['rank']}): train loss "
+                              f"{parsed[-1].train_loss:.4f}, {parsed[-1].tokens / max(parsed[-1].seconds, 1e-9):.0f} tok/s")
+        record = self.server.aggregate_round(server_round, parsed, self._bytes_down, self._round_started)
+        record["clients_failed"] += max(self._num_sent - len(parsed), 0)  # nodes that never answered
+        if self.writer is not None:
+            self.writer.write(record)
+        self.progress(format_round(record))
+        numbers = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and v == v}
+        return ArrayRecord(), MetricRecord(numbers)
+
+
+def config_from_run_config(run_config: dict) -> RunConfig:
+    """RunConfig from Flower's run config: ``flora-config`` (JSON) or ``config-file`` plus scalar keys."""
+    from flora.config import load_config
+
+    if "flora-config" in run_config and run_config["flora-config"]:
+        return RunConfig.from_dict(json.loads(str(run_config["flora-config"])), "run config")
+    overrides = [f"{k}={v}" for k, v in run_config.items() if k not in ("config-file", "flora-config")]
+    return load_config(run_config.get("config-file") or None, overrides)
