@@ -1,0 +1,193 @@
+"""Federated rounds on a tiny model: every method, exactness, dropout, catch-up, config errors, Flower parity."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import CORPUS, make_tiny_llama
+from flora.config import ConfigError, RunConfig, load_config
+from flora.federation import FederationClient, clear_assets
+from flora.runner import run_in_process, server_for
+
+
+@pytest.fixture(scope="module")
+def assets_dir(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("assets")
+    model = make_tiny_llama(len(tiny_tokenizer))
+    model.save_pretrained(root / "model")
+    tiny_tokenizer.save_pretrained(root / "model")
+    rows = []
+    for i in range(80):
+        text = CORPUS[i % 5]
+        rows.append({"instruction": f"{text[:30]} #{i}", "output": text[30:]})
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+def tiny_config(assets_dir, tmp_path, **overrides) -> RunConfig:
+    values = dict(model=str(assets_dir / "model"), data=str(assets_dir / "data.jsonl"), num_clients=3,
+                  ranks=[4, 2, 1], rounds=2, local_steps=2, batch_size=4, micro_batch_size=2, lr=5e-3, cutoff=64,
+                  max_examples=0, partition="iid", test_fraction=0.1, eval_examples=0, dropout=0.0,
+                  out_dir=str(tmp_path / "out"))
+    values.update(overrides)
+    return RunConfig.from_dict(values)
+
+
+@pytest.fixture(autouse=True)
+def fresh_assets():
+    clear_assets()
+    FederationClient._states.clear()
+    yield
+    clear_assets()
+    FederationClient._states.clear()
+
+
+@pytest.mark.parametrize("method, ranks", [
+    ("flora", [4, 2, 1]), ("zeropad", [4, 2, 1]), ("flexlora", [4, 2, 1]), ("fedit", [2]), ("ffa", [2]),
+    ("fedex", [2]), ("standalone", [4, 2, 1]), ("centralized", [4, 2, 1]),
+])
+def test_every_method_runs_and_writes_metrics(assets_dir, tmp_path, method, ranks):
+    config = tiny_config(assets_dir, tmp_path, method=method, ranks=ranks)
+    metrics = run_in_process(config, progress=lambda _: None)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and [m["round"] for m in lines] == [1, 2]
+    for key in ("round", "method", "aggregation_error", "train_loss", "test_loss", "bytes_up", "bytes_down",
+                "clients_ok", "clients_failed", "seconds"):
+        assert key in lines[0]
+    assert all(math.isfinite(m["test_loss"]) for m in metrics)
+    if method in ("flora", "fedex", "ffa", "flexlora", "centralized"):
+        assert metrics[-1]["aggregation_error"] < 1e-4
+    if method in ("fedit", "zeropad"):
+        assert metrics[-1]["aggregation_error"] > 1e-3
+    assert (tmp_path / "out" / "config.toml").is_file() and (tmp_path / "out" / "partition.json").is_file()
+
+
+def test_flora_lowers_test_loss(assets_dir, tmp_path):
+    config = tiny_config(assets_dir, tmp_path, rounds=4, local_steps=4, lr=2e-2)
+    server_initial = server_for(config).evaluate()
+    clear_assets()
+    FederationClient._states.clear()
+    metrics = run_in_process(config, progress=lambda _: None)
+    assert metrics[-1]["test_loss"] < server_initial - 0.2
+
+
+def test_dropout_round_goes_on_with_renormalised_weights(assets_dir, tmp_path, caplog):
+    config = tiny_config(assets_dir, tmp_path, rounds=3)
+    metrics = run_in_process(config, progress=lambda _: None, fail=lambda r, k: r == 2 and k == 1)
+    assert [m["clients_ok"] for m in metrics] == [3, 2, 3]
+    assert [m["clients_failed"] for m in metrics] == [0, 1, 0]
+    assert metrics[1]["aggregation_error"] < 1e-4  # exact over the replies that arrived
+    assert "client 1 (node node-1) failed: injected failure" in caplog.text
+
+
+def test_client_that_missed_rounds_catches_up_exactly(assets_dir, tmp_path):
+    config = tiny_config(assets_dir, tmp_path, rounds=3)
+    server = server_for(config)
+    client = FederationClient(config)
+    for round_ in range(1, 4):
+        replies = []
+        for k in range(3):
+            if k == 2 and round_ < 3:
+                continue  # client 2 misses rounds 1 and 2
+            first, updates = server.updates_for(f"node-{k}")
+            replies.append(client.train(k, f"node-{k}", round_, first, updates))
+        server.aggregate_round(round_, replies, 0, 0.0)
+    # A brand-new process for client 2 (restarted): its state is rebuilt from the history alone.
+    FederationClient._states.clear()
+    clear_assets()
+    fresh = FederationClient(config)
+    first, updates = server.updates_for("node-new")
+    assert first == 0 and len(updates) == 3
+    fresh.state.apply(updates, first)
+    for name, param in server.state.model.state_dict().items():
+        other = fresh.state.model.state_dict()[name]
+        assert float((param - other).norm()) <= 1e-6 * max(float(param.norm()), 1e-12), name
+
+
+def test_stale_client_is_left_out_and_resynced(assets_dir, tmp_path):
+    config = tiny_config(assets_dir, tmp_path, rounds=2)
+    server = server_for(config)
+    client = FederationClient(config)
+    replies = [client.train(k, f"node-{k}", 1, *server.updates_for(f"node-{k}")) for k in range(3)]
+    server.aggregate_round(1, replies, 0, 0.0)
+    FederationClient._states.clear()  # the client process restarted; the server thinks node-0 is in sync
+    clear_assets()
+    restarted = FederationClient(config)
+    server.node_applied["node-0"] = 1
+    reply = restarted.train(0, "node-0", 2, *server.updates_for("node-0"))
+    assert reply.error.startswith("resync") and reply.applied == 0
+    record = server.aggregate_round(2, [reply], 0, 0.0)
+    assert record["clients_failed"] == 1 and server.node_applied["node-0"] == 0
+    assert server.updates_for("node-0")[0] == 0  # next round it gets the whole history
+
+
+def test_rejected_update_is_logged_and_round_goes_on(assets_dir, tmp_path, caplog):
+    config = tiny_config(assets_dir, tmp_path, rounds=1)
+    server = server_for(config)
+    client = FederationClient(config)
+    replies = [client.train(k, f"node-{k}", 1, *server.updates_for(f"node-{k}")) for k in range(3)]
+    name = next(iter(replies[1].factors))
+    replies[1].factors[name][1][0, 0] = float("nan")
+    record = server.aggregate_round(1, replies, 0, 0.0)
+    assert record["clients_ok"] == 2 and record["clients_rejected"] == 1
+    assert f"client 1, layer '{name}': non-finite" in caplog.text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=fedavg"], "method = 'fedavg'"),
+    (["ranks=4,2"], "expected 1 or num_clients = 4 values"),
+    (["method=fedit", "ranks=4,2,2,2"], "needs equal ranks"),
+    (["rounds=0"], "rounds = 0"),
+    (["rounds=two"], "rounds = 'two': expected int"),
+    (["colour=red"], "unknown key"),
+    (["sample_fraction=0"], "sample_fraction"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[run]\nmethod = "zeropad"\nranks = [8, 4]\nnum_clients = 2\n')
+    config = load_config(path, ["rounds=7", "lr=1e-3"])
+    assert (config.method, config.ranks, config.rounds, config.lr) == ("zeropad", [8, 4], 7, 1e-3)
+    path.write_text("[run\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(path)
+
+
+def test_flower_codec_roundtrip():
+    from flora.federation import RoundUpdate
+    from flora.strategy import decode_factors, decode_updates, encode_factors, encode_updates
+
+    A, B = torch.randn(3, 5), torch.randn(4, 3)
+    updates = [RoundUpdate(round=1, merge={"l.q": (A, B), "l.k": torch.randn(4, 5)}),
+               RoundUpdate(round=2, adapter={"l.q": (A, B)}, truncate=True)]
+    decoded = decode_updates(encode_updates(updates, 5, rank=2), 5, 2, 2)
+    torch.testing.assert_close(decoded[0].merge["l.q"][1], B)
+    torch.testing.assert_close(decoded[0].merge["l.k"], updates[0].merge["l.k"])
+    assert decoded[1].adapter["l.q"][0].shape == (2, 5)  # truncated to the node's rank
+    factors = decode_factors(encode_factors({"a.b": (A, B)}))
+    torch.testing.assert_close(factors["a.b"][0], A)
+
+
+@pytest.mark.slow
+def test_flower_simulation_matches_in_process_run(assets_dir, tmp_path):
+    from flora.cli import run_flower_simulation
+
+    config = tiny_config(assets_dir, tmp_path / "local")
+    reference = run_in_process(config, progress=lambda _: None)
+    clear_assets()
+    FederationClient._states.clear()
+    flower_config = tiny_config(assets_dir, tmp_path / "flower")
+    run_flower_simulation(flower_config)
+    lines = [json.loads(x) for x in (tmp_path / "flower" / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["clients_ok"] for m in lines] == [3, 3]
+    for ours, theirs in zip(reference, lines):
+        assert theirs["test_loss"] == pytest.approx(ours["test_loss"], rel=1e-5)
+        assert theirs["bytes_up"] == ours["bytes_up"]
