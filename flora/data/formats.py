@@ -88,24 +88,29 @@ def _finish(messages: list[dict[str, str]], category=None, id_=None) -> Record:
     return Record(tuple(messages), category=category, id=id_)
 
 
-def from_sharegpt(row: Mapping) -> Record:
-    turns = row.get("conversations")
+def _turns(row: Mapping, list_key: str, role_key: str, content_key: str, roles: Mapping[str, str]) -> Record:
+    """Messages from a list of turn objects ``row[list_key]``, roles mapped through ``roles``."""
+    turns = row.get(list_key)
     if turns is None:
-        raise RowError("malformed", "missing field 'conversations'")
+        raise RowError("malformed", f"missing field {list_key!r}")
     if not isinstance(turns, list):
-        raise RowError("malformed", "field 'conversations' must be a list of {from, value}")
+        raise RowError("malformed", f"field {list_key!r} must be a list of {{{role_key}, {content_key}}}")
     messages = []
     for i, turn in enumerate(turns):
-        if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
-            raise RowError("malformed", f"conversations[{i}] must have 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if not isinstance(turn, Mapping) or role_key not in turn or content_key not in turn:
+            raise RowError("malformed", f"{list_key}[{i}] must have {role_key!r} and {content_key!r}")
+        role = roles.get(str(turn[role_key]).lower())
         if role is None:
-            raise RowError("malformed", f"conversations[{i}].from = {turn['from']!r}: unknown role; "
-                                        f"expected one of {sorted(SHAREGPT_ROLES)}")
-        if not isinstance(turn["value"], str):
-            raise RowError("malformed", f"conversations[{i}].value must be a string")
-        messages.append({"role": role, "content": turn["value"]})
-    return _finish(messages, category=row.get("category"), id_=_opt_str(row.get("id")))
+            raise RowError("malformed", f"{list_key}[{i}].{role_key} = {turn[role_key]!r}: unknown role; "
+                                        f"expected one of {sorted(roles)}")
+        if not isinstance(turn[content_key], str):
+            raise RowError("malformed", f"{list_key}[{i}].{content_key} must be a string")
+        messages.append({"role": role, "content": turn[content_key]})
+    return _finish(messages, category=_opt_str(row.get("category")), id_=_opt_str(row.get("id")))
+
+
+def from_sharegpt(row: Mapping) -> Record:
+    return _turns(row, "conversations", "from", "value", SHAREGPT_ROLES)
 
 
 def from_alpaca(row: Mapping) -> Record:
@@ -131,22 +136,7 @@ def from_wizard(row: Mapping) -> Record:
 
 
 def from_messages(row: Mapping) -> Record:
-    turns = row.get("messages")
-    if turns is None:
-        raise RowError("malformed", "missing field 'messages'")
-    if not isinstance(turns, list):
-        raise RowError("malformed", "field 'messages' must be a list of {role, content}")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, Mapping) or "role" not in turn or "content" not in turn:
-            raise RowError("malformed", f"messages[{i}] must have 'role' and 'content'")
-        role = str(turn["role"]).lower()
-        if role not in ("system", "user", "assistant"):
-            raise RowError("malformed", f"messages[{i}].role = {turn['role']!r}: expected system, user or assistant")
-        if not isinstance(turn["content"], str):
-            raise RowError("malformed", f"messages[{i}].content must be a string")
-        messages.append({"role": role, "content": turn["content"]})
-    return _finish(messages, category=_opt_str(row.get("category")), id_=_opt_str(row.get("id")))
+    return _turns(row, "messages", "role", "content", {r: r for r in ("system", "user", "assistant")})
 
 
 CONVERTERS: dict[str, Callable[[Mapping], Record]] = {
