@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from flora.data.formats import CONVERTERS, FORMATS, DataError, LoadReport, Record, RowError, detect_format
@@ -184,13 +184,3 @@ def load_records(source: str | Path = "embedded", fmt: str = "auto", on_malforme
     report = LoadReport(source=name, format=fmt, truncated_tail_bytes=tail)
     return convert_rows(rows, fmt, name, on_malformed=policy, report=report)
 
-
-def iter_jsonl(path: Path) -> Iterator[dict]:
-    """Rows of a JSONL file with the line number in any error."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: line {number}: invalid JSON ({exc.msg})") from exc
