@@ -34,7 +34,7 @@ from flora.data.partition import Partition, partition
 from flora.data.sources import load_records
 from flora.data.tokenize import Example, encode_all
 from flora.lora.aggregate import aggregate, aggregation_error
-from flora.lora.factors import Factors, InvalidUpdateError, check_update, client_weights
+from flora.lora.factors import Factors, InvalidUpdateError, check_update, client_weights, truncate_factors
 from flora.lora.refactor import refactorize, smallest_exact_form
 from flora.models.loader import check_target_modules, load_model
 from flora.train import LoraSpec, TrainSpec, evaluate_loss, layer_shapes, merge_update, train_client
@@ -189,16 +189,6 @@ class GlobalState:
             with torch.no_grad():
                 for name, weight in saved.items():
                     self.model.get_submodule(name).weight.copy_(weight)
-
-
-def truncate_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> Factors:
-    """The first ``rank`` ranks of ``(A, B)``, zero-padded when there are fewer (HetLoRA/FlexLoRA rule)."""
-    A_r, B_r = A[:rank], B[:, :rank]
-    if A_r.shape[0] < rank:
-        pad = rank - A_r.shape[0]
-        A_r = torch.cat([A_r, A.new_zeros(pad, A.shape[1])])
-        B_r = torch.cat([B_r, B.new_zeros(B.shape[0], pad)], dim=1)
-    return A_r, B_r
 
 
 def _dense(merge: Merge) -> torch.Tensor:

@@ -22,7 +22,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from flora.config import RunConfig
-from flora.federation import ClientReply, FederationServer, RoundUpdate, sample_clients, truncate_factors
+from flora.federation import ClientReply, FederationServer, RoundUpdate, sample_clients
+from flora.lora.factors import truncate_factors
 from flora.runner import ResultsWriter, format_round
 
 log = logging.getLogger("flora")

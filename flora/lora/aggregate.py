@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flora.lora.factors import ClientUpdate, Factors, check_updates, normalize_weights
+from flora.lora.factors import ClientUpdate, Factors, check_updates, normalize_weights, truncate_factors
 from flora.lora.refactor import product_svd, relative_tail
 
 
@@ -138,10 +138,8 @@ def aggregate_flexlora(updates: Sequence[ClientUpdate], weights: Sequence[float]
         global_factors[name] = (A_full, B_full)
         for k, (A_k, _) in enumerate(fs):
             r = A_k.shape[0]
-            # Zero columns pad a truncation shorter than r_k so the client keeps its rank.
-            A_r = _pad_rows(A_full[:r], r)
-            B_r = _pad_rows(B_full[:, :r].T, r).T
-            client_factors[k][name] = (A_r, B_r)
+            # Zero ranks pad a truncation shorter than r_k so the client keeps its rank.
+            client_factors[k][name] = truncate_factors(A_full, B_full, r)
             truncation_error[k][name] = relative_tail(S, r)
     return AggregationResult("flexlora", list(weights), global_factors, client_factors=client_factors,
                              truncation_error=truncation_error)
@@ -261,9 +259,3 @@ def _require_equal_ranks(method: str, updates: Sequence[ClientUpdate]) -> None:
                 "use 'flora', 'zeropad' or 'flexlora' for mixed ranks"
             )
 
-
-def _pad_rows(matrix: torch.Tensor, rows: int) -> torch.Tensor:
-    if matrix.shape[0] >= rows:
-        return matrix
-    pad = torch.zeros(rows - matrix.shape[0], matrix.shape[1], dtype=matrix.dtype)
-    return torch.cat([matrix, pad], dim=0)

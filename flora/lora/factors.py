@@ -158,3 +158,13 @@ def product_norm(A: torch.Tensor, B: torch.Tensor) -> float:
     """``‖B A‖_F`` without forming the ``(out, in)`` product: ``sqrt(tr((BᵀB)(AAᵀ)))``."""
     gram = (B.T.double() @ B.double()) * (A.double() @ A.T.double())
     return float(gram.sum().clamp_min(0).sqrt())
+
+
+def truncate_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> Factors:
+    """The first ``rank`` ranks of ``(A, B)``, zero-padded when there are fewer (HetLoRA/FlexLoRA rule)."""
+    A_r, B_r = A[:rank], B[:, :rank]
+    if A_r.shape[0] < rank:
+        pad = rank - A_r.shape[0]
+        A_r = torch.cat([A_r, A.new_zeros(pad, A.shape[1])])
+        B_r = torch.cat([B_r, B.new_zeros(B.shape[0], pad)], dim=1)
+    return A_r, B_r
