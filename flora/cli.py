@@ -21,14 +21,14 @@ def _run(args) -> int:
     config = load_config(args.config, args.set)
     if args.engine == "local":
         from flora.runner import run_in_process
-        run_in_process(config)
+        run_in_process(config, resume=args.resume)
     else:
-        run_flower_simulation(config)
+        run_flower_simulation(config, resume=args.resume)
     print(write_report(Path(config.out_dir)))
     return 0
 
 
-def run_flower_simulation(config) -> None:
+def run_flower_simulation(config, resume: bool = False) -> None:
     """A Flower simulation (Ray backend) of ``config``: one SuperNode per client."""
     import logging
 
@@ -40,7 +40,7 @@ def run_flower_simulation(config) -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     num_nodes = 1 if config.method == "centralized" else config.num_clients
     cpus = os.cpu_count() or 1
-    run_simulation(server_app=make_server_app(config), client_app=client_app, num_supernodes=num_nodes,
+    run_simulation(server_app=make_server_app(config, resume), client_app=client_app, num_supernodes=num_nodes,
                    backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": cpus, "log_to_driver": True}})
     if not (Path(config.out_dir) / "metrics.jsonl").read_text().strip():
@@ -61,17 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--engine", choices=["flower", "local"], default="flower",
                      help="flower: Flower simulation (Ray); local: the same logic in this process")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in out_dir from its last checkpoint (only rounds/threads may change)")
     run.set_defaults(func=_run)
     report = sub.add_parser("report", help="rebuild results.md and plots from OUT/metrics.jsonl")
     report.add_argument("out")
     report.set_defaults(func=_report)
     args = parser.parse_args(argv)
+    from flora.checkpoint import CheckpointError
     from flora.config import ConfigError
     from flora.data.formats import DataError
     from flora.models.loader import ModelLoadError
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelLoadError) as exc:
+    except (ConfigError, DataError, ModelLoadError, CheckpointError) as exc:
         print(f"flora: error: {exc}", file=sys.stderr)
         return 2
 

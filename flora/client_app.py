@@ -22,7 +22,7 @@ def train(msg: Message, context: Context) -> Message:
     # Deployment: each SuperNode may set its own rank with --node-config "lora-rank=16".
     rank = int(context.node_config["lora-rank"]) if "lora-rank" in context.node_config else None
     first, count = int(meta["first-index"]), int(meta["num-updates"])
-    updates = decode_updates(msg.content["arrays"], first, count, int(meta["truncated-rank"]) or None)
+    updates = decode_updates(msg.content["arrays"], first, count)
     client = FederationClient(config)
     reply = client.train(partition_id, str(context.node_id), int(meta["server-round"]), first, updates, rank=rank)
     used_rank = rank or (max(config.ranks) if config.method == "centralized" else config.client_rank(partition_id))

@@ -41,6 +41,7 @@ class RunConfig:
     test_fraction: float = 0.05
     max_update_norm: float = 0.0  # reject client updates with ‖B A‖_F above this (0 = no bound)
     broadcast: str = "smallest"  # smallest | stacked | refactorized | dense
+    round_timeout: float = 3600.0  # seconds the server waits for a round's replies (Flower engine)
     # LoRA and local training
     alpha_per_rank: float = 2.0  # alpha_k = alpha_per_rank * r_k (the paper's scaling 2 for every rank)
     dropout: float = 0.05
@@ -85,6 +86,8 @@ class RunConfig:
             raise ConfigError(f"broadcast = {self.broadcast!r}: expected smallest, stacked, refactorized or dense")
         if not self.lr > 0 or not self.alpha_per_rank > 0 or not 0 <= self.dropout < 1:
             raise ConfigError("lr and alpha_per_rank must be > 0 and dropout in [0, 1)")
+        if not self.round_timeout > 0:
+            raise ConfigError(f"round_timeout = {self.round_timeout}: expected seconds > 0")
         if self.max_update_norm < 0 or self.max_examples < 0 or self.eval_examples < 0:
             raise ConfigError("max_update_norm, max_examples and eval_examples must be >= 0")
         if not self.targets:

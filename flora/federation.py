@@ -69,6 +69,55 @@ class RoundUpdate:
         return total
 
 
+def update_to_tensors(update: RoundUpdate, rank: int | None = None,
+                      with_client_adapters: bool = True) -> dict[str, torch.Tensor]:
+    """Flat tensor dict of ``update`` (wire and checkpoint format); a truncating method's adapter is cut
+    to ``rank`` when given. The wire leaves out standalone clients' adapters (each client keeps its own).
+
+    Keys: ``m.{layer}.A|B`` merge factors or ``m.{layer}.D`` dense merge, ``a.{layer}.A|B`` adapter,
+    ``c{k}.{layer}.A|B`` client ``k``'s own adapter (standalone).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name, merge in update.merge.items():
+        if isinstance(merge, torch.Tensor):
+            tensors[f"m.{name}.D"] = merge
+        else:
+            tensors[f"m.{name}.A"], tensors[f"m.{name}.B"] = merge
+    for name, (A, B) in (update.adapter or {}).items():
+        if update.truncate and rank is not None:
+            A, B = truncate_factors(A, B, rank)
+        tensors[f"a.{name}.A"], tensors[f"a.{name}.B"] = A, B
+    for client, adapter in (update.client_adapters or {}).items() if with_client_adapters else ():
+        for name, (A, B) in adapter.items():
+            tensors[f"c{client}.{name}.A"], tensors[f"c{client}.{name}.B"] = A, B
+    return {key: value.contiguous() for key, value in tensors.items()}
+
+
+def update_from_tensors(tensors: Mapping[str, torch.Tensor], round_: int = 0, truncate: bool = False,
+                        forms: Mapping[str, int] | None = None) -> RoundUpdate:
+    """Inverse of :func:`update_to_tensors`."""
+    update = RoundUpdate(round=round_, truncate=truncate, forms=dict(forms or {}))
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        kind, rest = key.split(".", 1)
+        layer, part = rest.rsplit(".", 1)
+        if kind == "m" and part == "D":
+            update.merge[layer] = tensor
+        else:
+            pairs.setdefault((kind, layer), {})[part] = tensor
+    for (kind, layer), parts in sorted(pairs.items()):
+        factors = (parts["A"], parts["B"])
+        if kind == "m":
+            update.merge[layer] = factors
+        elif kind == "a":
+            update.adapter = update.adapter or {}
+            update.adapter[layer] = factors
+        else:
+            update.client_adapters = update.client_adapters or {}
+            update.client_adapters.setdefault(int(kind[1:]), {})[layer] = factors
+    return update
+
+
 def _nbytes(obj) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -236,6 +285,8 @@ class FederationClient:
             self.state.init_factors(client, rank, truncate=config.method in ("zeropad", "flexlora"))
         result = train_client(self.state.model, self.assets.tokenizer, examples, lora_spec(config, rank),
                               train_spec, init_seed=init_seed, init_factors=init_factors)
+        if config.method == "standalone":
+            self.state.client_adapters[client] = result.factors  # never leaves this client in a deployment
         return ClientReply(client=client, node=node, factors=result.factors, num_examples=result.num_examples,
                            train_loss=result.train_loss, tokens=result.tokens, seconds=result.seconds,
                            applied=self.state.applied)
@@ -253,6 +304,14 @@ class FederationServer:
         self.history: list[RoundUpdate] = []
         self.node_applied: dict[str, int] = {}  # how many history entries each node's model holds
         self.metrics: list[dict] = []
+
+    def restore(self, history: Sequence[RoundUpdate], metrics: Sequence[dict]) -> None:
+        """Continue after ``history`` (a checkpoint). Client processes are new, so every node gets the
+        whole history with its first message."""
+        self.history = list(history)
+        self.state.apply(self.history, 0)
+        self.metrics = list(metrics)
+        self.node_applied = {}
 
     # messages ---------------------------------------------------------------------------------
     def updates_for(self, node: str) -> tuple[int, list[RoundUpdate]]:

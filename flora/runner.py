@@ -10,27 +10,39 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from flora.checkpoint import load_checkpoint, save_round
 from flora.config import RunConfig, save_config
-from flora.federation import FederationClient, FederationServer, load_assets, sample_clients
+from flora.federation import ClientReply, FederationClient, FederationServer, load_assets, sample_clients
 
 METRIC_KEYS = ("round", "method", "aggregation_error", "train_loss", "test_loss", "bytes_up", "bytes_down",
                "clients_ok", "clients_failed", "seconds")
 
 
 class ResultsWriter:
-    """Creates the out dir, saves config and partition report, appends one JSON line per round."""
+    """Creates the out dir, saves config and partition report; after every round writes the checkpoint,
+    then appends the round's JSON line to ``metrics.jsonl``.
 
-    def __init__(self, config: RunConfig, partition_report: dict):
+    On resume ``metrics.jsonl`` is rewritten from the checkpoint (the source of truth), so a line
+    written after the last checkpoint of a crashed run does not appear twice.
+    """
+
+    def __init__(self, config: RunConfig, partition_report: dict, metrics: list[dict] | None = None):
+        self.config = config
         self.out = Path(config.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(config, self.out / "config.toml")
         (self.out / "partition.json").write_text(json.dumps(partition_report, indent=2))
         self.metrics_path = self.out / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        self.metrics_path.write_text("".join(_json_line(m) for m in metrics or []))
 
-    def write(self, record: dict) -> None:
+    def round_done(self, server: FederationServer) -> None:
+        save_round(self.out, self.config, server.history, server.metrics)
         with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            handle.write(_json_line(server.metrics[-1]))
+
+
+def _json_line(record: dict) -> str:
+    return json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n"
 
 
 def _jsonable(value):
@@ -45,19 +57,36 @@ def server_for(config: RunConfig) -> FederationServer:
     return FederationServer(config, server_assets)
 
 
+def start_run(config: RunConfig, resume: bool = False, progress: Callable[[str], None] = print
+              ) -> tuple[FederationServer, ResultsWriter]:
+    """Server and results writer for a new run, or for one resumed from ``OUT/checkpoint``."""
+    checkpoint = load_checkpoint(config.out_dir, config) if resume else None
+    server = server_for(config)
+    if checkpoint is not None:
+        server.restore(checkpoint.updates, checkpoint.metrics)
+    writer = ResultsWriter(config, server.assets.partition.report(), server.metrics)
+    num_clients = 1 if config.method == "centralized" else config.num_clients
+    header = (f"[flora] {config.method}: {num_clients} clients, ranks {config.ranks}, {config.rounds} rounds, "
+              f"{config.local_steps} local steps")
+    if checkpoint is not None:
+        progress(f"{header}; resumed after round {checkpoint.rounds_done} "
+                 f"(test loss {server.metrics[-1]['test_loss'] if server.metrics else float('nan'):.4f})")
+    else:
+        progress(f"{header}; initial test loss {server.evaluate():.4f}")
+    return server, writer
+
+
 def run_in_process(config: RunConfig, progress: Callable[[str], None] = print,
-                   fail: Callable[[int, int], bool] | None = None) -> list[dict]:
+                   fail: Callable[[int, int], bool] | None = None, resume: bool = False) -> list[dict]:
     """All rounds in this process (no Flower): the reference the Flower run is checked against.
 
     ``fail(round, client)`` returning True makes that client error in that round (dropout tests).
+    ``resume`` continues from ``OUT/checkpoint``.
     """
-    server = server_for(config)
+    server, writer = start_run(config, resume, progress)
     client = FederationClient(config)
-    writer = ResultsWriter(config, server.assets.partition.report())
     num_clients = 1 if config.method == "centralized" else config.num_clients
-    progress(f"[flora] {config.method}: {num_clients} clients, ranks {config.ranks}, {config.rounds} rounds, "
-             f"{config.local_steps} local steps; initial test loss {server.evaluate():.4f}")
-    for round_ in range(1, config.rounds + 1):
+    for round_ in range(len(server.history) + 1, config.rounds + 1):
         started = time.perf_counter()
         replies, bytes_down = [], 0
         for k in sample_clients(num_clients, config.sample_fraction, min(config.min_clients, num_clients),
@@ -67,7 +96,6 @@ def run_in_process(config: RunConfig, progress: Callable[[str], None] = print,
             rank = max(config.ranks) if config.method == "centralized" else config.client_rank(k)
             bytes_down += server.download_bytes(node, rank)
             if fail is not None and fail(round_, k):
-                from flora.federation import ClientReply
                 replies.append(ClientReply(client=k, node=node, factors=None, error="injected failure",
                                            applied=server.node_applied.get(node, 0)))
                 continue
@@ -76,7 +104,7 @@ def run_in_process(config: RunConfig, progress: Callable[[str], None] = print,
                      f"{reply.tokens / max(reply.seconds, 1e-9):.0f} tok/s")
             replies.append(reply)
         record = server.aggregate_round(round_, replies, bytes_down, started)
-        writer.write(record)
+        writer.round_done(server)
         progress(format_round(record))
     return server.metrics
 

@@ -6,27 +6,29 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from flora.config import RunConfig
-from flora.runner import ResultsWriter, server_for
+from flora.runner import start_run
 from flora.strategy import FloraStrategy, config_from_run_config
 
 
-def run_server(grid: Grid, config: RunConfig, progress=print) -> list[dict]:
-    server = server_for(config)
-    writer = ResultsWriter(config, server.assets.partition.report())
-    progress(f"[flora] {config.method}: ranks {config.ranks}, {config.rounds} rounds, {config.local_steps} local "
-             f"steps; initial test loss {server.evaluate():.4f}")
-    strategy = FloraStrategy(config, server, writer, progress)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=config.rounds, timeout=3600)
+def run_server(grid: Grid, config: RunConfig, resume: bool = False, progress=print) -> list[dict]:
+    server, writer = start_run(config, resume, progress)
+    remaining = config.rounds - len(server.history)
+    if remaining > 0:
+        strategy = FloraStrategy(config, server, writer, progress)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=remaining, timeout=config.round_timeout)
     return server.metrics
 
 
-def make_server_app(config: RunConfig | None = None, progress=print) -> ServerApp:
-    """A ServerApp for ``config`` (simulation), or one reading Flower's run config (``flwr run``)."""
+def make_server_app(config: RunConfig | None = None, resume: bool = False, progress=print) -> ServerApp:
+    """A ServerApp for ``config`` (simulation), or one reading Flower's run config (``flwr run``;
+    ``--run-config "resume=true"`` continues from the out dir's checkpoint)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, config or config_from_run_config(dict(context.run_config)), progress)
+        run_config = dict(context.run_config)
+        resume_run = resume or str(run_config.pop("resume", "false")).lower() in ("true", "1")
+        run_server(grid, config or config_from_run_config(run_config), resume_run, progress)
 
     return server_app
 

@@ -22,8 +22,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from flora.config import RunConfig
-from flora.federation import ClientReply, FederationServer, RoundUpdate, sample_clients
-from flora.lora.factors import truncate_factors
+from flora.federation import (ClientReply, FederationServer, RoundUpdate, sample_clients, update_from_tensors,
+                              update_to_tensors)
 from flora.runner import ResultsWriter, format_round
 
 log = logging.getLogger("flora")
@@ -34,39 +34,18 @@ log = logging.getLogger("flora")
 def encode_updates(updates: Sequence[RoundUpdate], first_index: int, rank: int | None) -> ArrayRecord:
     tensors: dict[str, torch.Tensor] = {}
     for i, update in enumerate(updates, start=first_index):
-        for name, merge in update.merge.items():
-            if isinstance(merge, torch.Tensor):
-                tensors[f"u{i}.m.{name}.D"] = merge
-            else:
-                tensors[f"u{i}.m.{name}.A"], tensors[f"u{i}.m.{name}.B"] = merge
-        for name, (A, B) in (update.adapter or {}).items():
-            if update.truncate and rank is not None:
-                A, B = truncate_factors(A, B, rank)
-            tensors[f"u{i}.a.{name}.A"], tensors[f"u{i}.a.{name}.B"] = A, B
-    return ArrayRecord(torch_state_dict={k: v.contiguous() for k, v in tensors.items()})
+        wire = update_to_tensors(update, rank, with_client_adapters=False)
+        tensors.update({f"u{i}.{key}": value for key, value in wire.items()})
+    return ArrayRecord(torch_state_dict=tensors)
 
 
-def decode_updates(arrays: ArrayRecord, first_index: int, count: int, truncated_rank: int | None) -> list[RoundUpdate]:
+def decode_updates(arrays: ArrayRecord, first_index: int, count: int) -> list[RoundUpdate]:
     state = arrays.to_torch_state_dict() if len(arrays) else {}
-    updates = [RoundUpdate(round=0) for _ in range(count)]
-    pairs: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
+    grouped: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
     for key, tensor in state.items():
-        head, kind, rest = key.split(".", 2)
-        layer, part = rest.rsplit(".", 1)
-        index = int(head[1:]) - first_index
-        if kind == "m" and part == "D":
-            updates[index].merge[layer] = tensor
-        else:
-            pairs.setdefault((index, kind, layer), {})[part] = tensor
-    for (index, kind, layer), parts in pairs.items():
-        factors = (parts["A"], parts["B"])
-        if kind == "m":
-            updates[index].merge[layer] = factors
-        else:
-            if updates[index].adapter is None:
-                updates[index].adapter = {}
-            updates[index].adapter[layer] = factors
-    return updates
+        head, rest = key.split(".", 1)
+        grouped[int(head[1:]) - first_index][rest] = tensor
+    return [update_from_tensors(tensors) for tensors in grouped]
 
 
 def encode_factors(factors: dict) -> ArrayRecord:
@@ -101,6 +80,8 @@ class FloraStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        # Flower numbers this process's rounds from 1; a resumed run continues after its history.
+        server_round = len(self.server.history) + 1
         self._round_started = time.perf_counter()
         node_ids = sorted(grid.get_node_ids())
         chosen = [node_ids[i] for i in sample_clients(len(node_ids), self.config.sample_fraction,
@@ -123,6 +104,7 @@ class FloraStrategy(FedAvg):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round = len(self.server.history) + 1
         parsed = []
         for message in replies:
             node = str(message.metadata.src_node_id)
@@ -146,7 +128,7 @@ class FloraStrategy(FedAvg):
         record = self.server.aggregate_round(server_round, parsed, self._bytes_down, self._round_started)
         record["clients_failed"] += max(self._num_sent - len(parsed), 0)  # nodes that never answered
         if self.writer is not None:
-            self.writer.write(record)
+            self.writer.round_done(self.server)
         self.progress(format_round(record))
         numbers = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and v == v}
         return ArrayRecord(), MetricRecord(numbers)

@@ -1,0 +1,122 @@
+"""Checkpoints written after every round, so that ``--resume`` continues a stopped run exactly.
+
+Layout (``OUT/checkpoint/``)::
+
+    state.json                  format, rounds done, the run config, every round's metrics, torch RNG state
+    rounds/00001.safetensors    round 1's update (the global weights delta of that round: merge factors or
+    rounds/00002.safetensors    dense deltas, the global adapter, standalone adapters; see RoundUpdate)
+
+The global model after round ``t`` is the base model plus rounds ``1..t`` applied in order, so the
+round files are the global weights delta; each round writes only its own file (no rewriting of a
+growing blob), then ``state.json`` is replaced atomically. A crash while writing leaves the previous
+checkpoint valid: a round file beyond ``state.json``'s count is ignored and overwritten.
+
+All randomness of a round (client sampling, adapter initialisation, batch order, dropout) is seeded
+from ``(seed, round, client)``, so a resumed run draws exactly what the uninterrupted run drew; the
+process-wide torch RNG state is stored and restored as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from flora.config import RunConfig
+from flora.federation import RoundUpdate, update_from_tensors, update_to_tensors
+
+FORMAT_VERSION = 1
+# Keys that may change between a stopped run and its resumption; any other change is refused.
+RESUMABLE_CHANGES = ("rounds", "threads", "out_dir")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or belongs to a different config; names the file."""
+
+
+@dataclass
+class Checkpoint:
+    rounds_done: int
+    updates: list[RoundUpdate]
+    metrics: list[dict]
+    config: dict
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoint"
+
+
+def save_round(out_dir: str | Path, config: RunConfig, updates: list[RoundUpdate], metrics: list[dict]) -> None:
+    """Persist the latest round: its update file, then ``state.json`` (atomic replace)."""
+    root = checkpoint_dir(out_dir)
+    (root / "rounds").mkdir(parents=True, exist_ok=True)
+    index = len(updates)
+    update = updates[-1]
+    metadata = {"round": str(update.round), "truncate": str(int(update.truncate)), "forms": json.dumps(update.forms)}
+    round_path = root / "rounds" / f"{index:05d}.safetensors"
+    _atomic(round_path, lambda tmp: save_file(update_to_tensors(update), tmp, metadata=metadata))
+    state = {"format": FORMAT_VERSION, "rounds_done": index, "config": config.to_dict(),
+             "metrics": [_jsonable(m) for m in metrics], "torch_rng": torch.get_rng_state().numpy().tobytes().hex()}
+    _atomic(root / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1)))
+
+
+def load_checkpoint(out_dir: str | Path, config: RunConfig) -> Checkpoint:
+    """Read the checkpoint in ``out_dir`` and check it belongs to ``config``; restores the torch RNG state."""
+    root = checkpoint_dir(out_dir)
+    state_path = root / "state.json"
+    if not state_path.is_file():
+        raise CheckpointError(f"{state_path}: no checkpoint to resume (run without --resume to start fresh)")
+    try:
+        state = json.loads(state_path.read_text())
+        rounds_done, saved_config, metrics = int(state["rounds_done"]), state["config"], state["metrics"]
+        rng = bytes.fromhex(state["torch_rng"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{state_path}: unreadable checkpoint state ({exc})") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{state_path}: malformed checkpoint state (missing or bad field {exc})") from exc
+    if state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{state_path}: format {state.get('format')!r}, expected {FORMAT_VERSION}")
+    _check_same_run(state_path, saved_config, config.to_dict(), rounds_done)
+    updates = []
+    for index in range(1, rounds_done + 1):
+        path = root / "rounds" / f"{index:05d}.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing round file ({state_path} records {rounds_done} rounds)")
+        try:
+            tensors = load_file(path)
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: unreadable round file ({exc})") from exc
+        updates.append(update_from_tensors(tensors, round_=int(metadata.get("round", index)),
+                                           truncate=metadata.get("truncate") == "1",
+                                           forms=json.loads(metadata.get("forms", "{}"))))
+    torch.set_rng_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8))
+    metrics = [{k: (float("nan") if v is None else v) for k, v in m.items()} for m in metrics]
+    return Checkpoint(rounds_done=rounds_done, updates=updates, metrics=metrics, config=saved_config)
+
+
+def _check_same_run(path: Path, saved: dict, current: dict, rounds_done: int) -> None:
+    changed = sorted(k for k in set(saved) | set(current)
+                     if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise CheckpointError(f"{path}: the config differs from the checkpoint's ({details}); only "
+                              f"{', '.join(RESUMABLE_CHANGES)} may change on --resume (or use a new out_dir)")
+    if current["rounds"] < rounds_done:
+        raise CheckpointError(f"{path}: rounds = {current['rounds']} but {rounds_done} rounds are already done")
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def _jsonable(record: dict) -> dict:
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
