@@ -267,6 +267,11 @@ class FederationClient:
     def train(self, client: int, node: str, round_: int, first_index: int, updates: Sequence[RoundUpdate],
               rank: int | None = None) -> ClientReply:
         config = self.config
+        num_partitions = 1 if config.method == "centralized" else config.num_clients
+        if not 0 <= client < num_partitions:
+            return ClientReply(client=client, node=node, factors=None, applied=self.state.applied,
+                               error=f"partition-id {client} is outside this run's {num_partitions} partitions "
+                                     f"(num_clients = {config.num_clients}); start as many SuperNodes as clients")
         try:
             self.state.apply(updates, first_index)
         except RuntimeError as exc:

@@ -74,9 +74,10 @@ class FloraStrategy(FedAvg):
         self.writer = writer
         self.progress = progress
         self.node_rank: dict[str, int] = {}  # learnt from replies; used to truncate adapters
+        self.node_client: dict[str, int] = {}  # node -> partition id, learnt from replies (for logs)
         self._round_started = 0.0
         self._bytes_down = 0
-        self._num_sent = 0
+        self._sent: list[Message] = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -84,6 +85,8 @@ class FloraStrategy(FedAvg):
         server_round = len(self.server.history) + 1
         self._round_started = time.perf_counter()
         node_ids = sorted(grid.get_node_ids())
+        if self.config.method == "centralized":
+            node_ids = node_ids[:1]  # one client holds all the training data
         chosen = [node_ids[i] for i in sample_clients(len(node_ids), self.config.sample_fraction,
                                                        min(self.config.min_clients, len(node_ids)),
                                                        server_round, self.config.seed)]
@@ -100,23 +103,27 @@ class FloraStrategy(FedAvg):
             message = Message(content=RecordDict({"arrays": payload, "config": meta}), dst_node_id=node_id,
                               message_type="train")
             messages.append(message)
-        self._num_sent = len(messages)
+        self._sent = messages  # the Grid stamps their message ids when it pushes them
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round = len(self.server.history) + 1
         parsed = []
+        # An error reply made by the SuperLink (e.g. node unavailable) comes from the SuperLink's own id:
+        # map it back to the node the message was sent to.
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         for message in replies:
-            node = str(message.metadata.src_node_id)
+            node = str(destination.get(message.metadata.reply_to_message_id, message.metadata.src_node_id))
             if message.has_error():
                 error = message.error
-                parsed.append(ClientReply(client=-1, node=node, factors=None,
+                parsed.append(ClientReply(client=self.node_client.get(node, -1), node=node, factors=None,
                                           error=f"{error.code}: {error.reason}",
                                           applied=self.server.node_applied.get(node, 0)))
                 continue
             meta, metrics = message.content["config"], message.content["metrics"]
             client, error = int(meta["partition-id"]), str(meta["error"]) or None
             self.node_rank[node] = int(meta["rank"])
+            self.node_client[node] = client
             factors = None if error else decode_factors(message.content["arrays"])
             parsed.append(ClientReply(client=client, node=node, factors=factors,
                                       num_examples=int(metrics["num-examples"]),
@@ -126,7 +133,7 @@ class FloraStrategy(FedAvg):
                 self.progress(f"  round {server_round} client {client} (rank {meta['rank']}): train loss "
                               f"{parsed[-1].train_loss:.4f}, {parsed[-1].tokens / max(parsed[-1].seconds, 1e-9):.0f} tok/s")
         record = self.server.aggregate_round(server_round, parsed, self._bytes_down, self._round_started)
-        record["clients_failed"] += max(self._num_sent - len(parsed), 0)  # nodes that never answered
+        record["clients_failed"] += max(len(self._sent) - len(parsed), 0)  # nodes that never answered
         if self.writer is not None:
             self.writer.round_done(self.server)
         self.progress(format_round(record))
@@ -135,10 +142,12 @@ class FloraStrategy(FedAvg):
 
 
 def config_from_run_config(run_config: dict) -> RunConfig:
-    """RunConfig from Flower's run config: ``flora-config`` (JSON) or ``config-file`` plus scalar keys."""
+    """RunConfig from Flower's run config: ``flora-config`` (JSON), or ``config-file`` plus overrides
+    (``out-dir``, ``rounds``, ...; empty strings and zeros keep the file's value)."""
     from flora.config import load_config
 
-    if "flora-config" in run_config and run_config["flora-config"]:
+    if run_config.get("flora-config"):
         return RunConfig.from_dict(json.loads(str(run_config["flora-config"])), "run config")
-    overrides = [f"{k}={v}" for k, v in run_config.items() if k not in ("config-file", "flora-config")]
+    overrides = [f"{k}={v}" for k, v in run_config.items()
+                 if k not in ("config-file", "flora-config", "resume") and v not in ("", 0)]
     return load_config(run_config.get("config-file") or None, overrides)

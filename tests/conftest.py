@@ -74,3 +74,14 @@ def sample_records(n: int = 24):
 @pytest.fixture
 def records():
     return sample_records()
+
+
+def write_tiny_assets(root, tokenizer) -> None:
+    """A tiny model directory (``root/model``) and an Alpaca-style ``root/data.jsonl`` of 80 rows."""
+    import json
+
+    model = make_tiny_llama(len(tokenizer))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rows = [{"instruction": f"{CORPUS[i % 5][:30]} #{i}", "output": CORPUS[i % 5][30:]} for i in range(80)]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))

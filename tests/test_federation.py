@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import CORPUS, make_tiny_llama
+from conftest import write_tiny_assets
 from flora.config import ConfigError, RunConfig, load_config
 from flora.federation import FederationClient, clear_assets
 from flora.runner import run_in_process, server_for
@@ -17,14 +17,7 @@ from flora.runner import run_in_process, server_for
 @pytest.fixture(scope="module")
 def assets_dir(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("assets")
-    model = make_tiny_llama(len(tiny_tokenizer))
-    model.save_pretrained(root / "model")
-    tiny_tokenizer.save_pretrained(root / "model")
-    rows = []
-    for i in range(80):
-        text = CORPUS[i % 5]
-        rows.append({"instruction": f"{text[:30]} #{i}", "output": text[30:]})
-    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    write_tiny_assets(root, tiny_tokenizer)
     return root
 
 

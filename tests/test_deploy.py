@@ -1,0 +1,145 @@
+"""Flower deployment (SuperLink + SuperNodes + `flwr run .`) on a tiny model, with a SuperNode killed
+during a round: the run finishes with the remaining clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_tiny_assets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port_block(size: int = 20) -> int:
+    """A base port with ``size`` free ports after it (the SuperLink, one per SuperNode)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + size < 65000 and all(_is_free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.mark.slow
+def test_deployment_survives_a_killed_supernode(tmp_path, tiny_tokenizer):
+    write_tiny_assets(tmp_path, tiny_tokenizer)
+    config = tmp_path / "tiny.toml"
+    config.write_text(f"""[run]
+model = "{tmp_path / 'model'}"
+data = "{tmp_path / 'data.jsonl'}"
+num_clients = 3
+ranks = [4, 2, 1]
+rounds = 2
+local_steps = 2
+batch_size = 4
+micro_batch_size = 2
+cutoff = 64
+max_examples = 0
+partition = "iid"
+test_fraction = 0.1
+eval_examples = 0
+out_dir = "{tmp_path / 'out'}"
+""")
+    work = tmp_path / "work"
+    env = dict(os.environ, FLORA_PYTHON=sys.executable, FLORA_BASE_PORT=str(_free_port_block()))
+    process = subprocess.Popen(["bash", str(REPO / "scripts" / "deploy_local.sh"), "--config", str(config),
+                                "--work", str(work)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, killed = [], False
+    deadline = time.monotonic() + 400
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if not killed and line.startswith("[round 1]"):
+                # round 2's messages go out right after round 1's line: node 2 dies during round 2
+                os.kill(int((work / "pids" / "supernode-2.pid").read_text()), signal.SIGKILL)
+                killed = True
+            if time.monotonic() > deadline:
+                break
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    log = "".join(lines)
+    assert killed, log[-3000:]
+    assert process.returncode == 0, log[-3000:]
+    metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert (metrics[0]["clients_ok"], metrics[0]["clients_failed"]) == (3, 0)
+    assert (metrics[1]["clients_ok"], metrics[1]["clients_failed"]) == (2, 1), log[-3000:]
+    assert metrics[1]["aggregation_error"] < 1e-4 and metrics[1]["test_loss"] < metrics[0]["test_loss"] + 0.5
+    assert "client 2 (node" in log and "failed" in log
+
+
+def _netns_available() -> bool:
+    if os.geteuid() != 0:
+        return False
+    probe = subprocess.run(["ip", "netns", "add", "flora-test-probe"], capture_output=True)
+    subprocess.run(["ip", "netns", "del", "flora-test-probe"], capture_output=True)
+    return probe.returncode == 0
+
+
+def _tiny_config(tmp_path, tiny_tokenizer, **extra) -> Path:
+    write_tiny_assets(tmp_path, tiny_tokenizer)
+    values = dict(model=str(tmp_path / "model"), data=str(tmp_path / "data.jsonl"), num_clients=3, ranks=[4, 2, 1],
+                  rounds=2, local_steps=2, batch_size=4, micro_batch_size=2, cutoff=64, max_examples=0,
+                  partition="iid", test_fraction=0.1, eval_examples=0, out_dir=str(tmp_path / "out"))
+    values.update(extra)
+    import tomli_w
+    path = tmp_path / "tiny.toml"
+    path.write_text(tomli_w.dumps({"run": values}))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _netns_available(), reason="needs root and `ip netns` (separate network namespaces)")
+def test_deployment_across_network_namespaces(tmp_path, tiny_tokenizer):
+    config = _tiny_config(tmp_path, tiny_tokenizer)
+    env = dict(os.environ, FLORA_PYTHON=sys.executable, FLORA_BASE_PORT=str(_free_port_block()))
+    done = subprocess.run(["bash", str(REPO / "scripts" / "deploy_local.sh"), "--config", str(config), "--netns",
+                           "--work", str(tmp_path / "work")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "SuperLink on 10.77.0.1" in done.stdout
+    metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["clients_ok"], m["clients_failed"]) for m in metrics] == [(3, 0), (3, 0)]
+    assert not subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count("flora-node")
+
+
+@pytest.mark.slow
+def test_flwr_run_simulation_offline(tmp_path, tiny_tokenizer):
+    """`flwr run .` as Flower users type it, against Flower's own local simulation SuperLink."""
+    config = _tiny_config(tmp_path, tiny_tokenizer)
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PATH=bin_dir + os.pathsep + os.environ["PATH"],
+               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port_block(4)))
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]) + 2)
+    try:
+        done = subprocess.run([str(Path(bin_dir) / "flwr"), "run", ".", "--stream", "--federation-config",
+                               "num-supernodes=3", "--run-config", f"config-file='{config}'"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=400)
+    finally:  # Flower leaves its local SuperLink running
+        subprocess.run(["pkill", "-f", f"flower-superlink.*{env['FLWR_LOCAL_CONTROL_API_PORT']}"], capture_output=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["clients_ok"], m["clients_failed"]) for m in metrics] == [(3, 0), (3, 0)]
