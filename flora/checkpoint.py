@@ -66,11 +66,23 @@ def save_round(out_dir: str | Path, config: RunConfig, updates: list[RoundUpdate
 
 
 def load_checkpoint(out_dir: str | Path, config: RunConfig) -> Checkpoint:
-    """Read the checkpoint in ``out_dir`` and check it belongs to ``config``; restores the torch RNG state."""
+    """Read the checkpoint in ``out_dir``, check it belongs to ``config``, restore the torch RNG state."""
+    checkpoint, rng = _read(out_dir, expected=config)
+    torch.set_rng_state(rng)
+    return checkpoint
+
+
+def read_checkpoint(out_dir: str | Path) -> Checkpoint:
+    """The checkpoint in ``out_dir`` as it is (for evaluation); :class:`CheckpointError` if unusable."""
+    return _read(out_dir, expected=None)[0]
+
+
+def _read(out_dir: str | Path, expected: RunConfig | None) -> tuple[Checkpoint, torch.Tensor]:
     root = checkpoint_dir(out_dir)
     state_path = root / "state.json"
     if not state_path.is_file():
-        raise CheckpointError(f"{state_path}: no checkpoint to resume (run without --resume to start fresh)")
+        raise CheckpointError(f"{state_path}: no checkpoint (run `flora run` with out_dir={out_dir} first, "
+                              f"or without --resume to start fresh)")
     try:
         state = json.loads(state_path.read_text())
         rounds_done, saved_config, metrics = int(state["rounds_done"]), state["config"], state["metrics"]
@@ -81,7 +93,8 @@ def load_checkpoint(out_dir: str | Path, config: RunConfig) -> Checkpoint:
         raise CheckpointError(f"{state_path}: malformed checkpoint state (missing or bad field {exc})") from exc
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{state_path}: format {state.get('format')!r}, expected {FORMAT_VERSION}")
-    _check_same_run(state_path, saved_config, config.to_dict(), rounds_done)
+    if expected is not None:
+        _check_same_run(state_path, saved_config, expected.to_dict(), rounds_done)
     updates = []
     for index in range(1, rounds_done + 1):
         path = root / "rounds" / f"{index:05d}.safetensors"
@@ -96,9 +109,33 @@ def load_checkpoint(out_dir: str | Path, config: RunConfig) -> Checkpoint:
         updates.append(update_from_tensors(tensors, round_=int(metadata.get("round", index)),
                                            truncate=metadata.get("truncate") == "1",
                                            forms=json.loads(metadata.get("forms", "{}"))))
-    torch.set_rng_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8))
     metrics = [{k: (float("nan") if v is None else v) for k, v in m.items()} for m in metrics]
-    return Checkpoint(rounds_done=rounds_done, updates=updates, metrics=metrics, config=saved_config)
+    checkpoint = Checkpoint(rounds_done=rounds_done, updates=updates, metrics=metrics, config=saved_config)
+    return checkpoint, torch.frombuffer(bytearray(rng), dtype=torch.uint8)
+
+
+def load_run_model(out_dir: str | Path, client: int = 0):
+    """The global model of a run after its last checkpointed round: base weights + every round's
+    merge + the final global adapter merged in (standalone: client ``client``'s own adapter).
+
+    Returns ``(LoadedModel, RunConfig, Checkpoint)``.
+    """
+    from flora.federation import GlobalState
+    from flora.models.loader import load_model
+    from flora.train import merge_update
+
+    checkpoint = read_checkpoint(out_dir)
+    config = RunConfig.from_dict(checkpoint.config, f"{checkpoint_dir(out_dir) / 'state.json'}")
+    loaded = load_model(config.model)
+    state = GlobalState(loaded.model)
+    state.apply(checkpoint.updates, 0)
+    adapter = state.client_adapters.get(client) if config.method == "standalone" else state.adapter
+    if config.method == "standalone" and adapter is None:
+        raise CheckpointError(f"{out_dir}: standalone run has no adapter for client {client} "
+                              f"(clients: {sorted(state.client_adapters)})")
+    if adapter:
+        merge_update(loaded.model, {name: B @ A for name, (A, B) in adapter.items()})
+    return loaded, config, checkpoint
 
 
 def _check_same_run(path: Path, saved: dict, current: dict, rounds_done: int) -> None:

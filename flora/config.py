@@ -52,6 +52,7 @@ class RunConfig:
     lr: float = 3e-4
     # evaluation and run
     eval_examples: int = 64  # global test examples scored every round (0 = all)
+    client_eval_examples: int = 16  # per client: examples of its own test split scored every round (0 = off)
     seed: int = 0
     threads: int = 0  # torch threads (0 = torch's default)
     out_dir: str = "runs/latest"
@@ -88,8 +89,9 @@ class RunConfig:
             raise ConfigError("lr and alpha_per_rank must be > 0 and dropout in [0, 1)")
         if not self.round_timeout > 0:
             raise ConfigError(f"round_timeout = {self.round_timeout}: expected seconds > 0")
-        if self.max_update_norm < 0 or self.max_examples < 0 or self.eval_examples < 0:
-            raise ConfigError("max_update_norm, max_examples and eval_examples must be >= 0")
+        for key in ("max_update_norm", "max_examples", "eval_examples", "client_eval_examples"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} = {getattr(self, key)}: expected a value >= 0")
         if not self.targets:
             raise ConfigError("targets: expected at least one module name (e.g. q_proj)")
 

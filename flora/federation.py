@@ -363,6 +363,11 @@ class FederationServer:
         record["broadcast_forms"] = update.forms
         record["train_loss"] = _weighted_mean([r.train_loss for r in accepted], [r.num_examples for r in accepted])
         record["test_loss"] = self.evaluate()
+        record["test_ppl"] = math.exp(record["test_loss"]) if math.isfinite(record["test_loss"]) else math.nan
+        client_losses = self.evaluate_clients()
+        record["client_test_loss"] = [None if math.isnan(x) else x for x in client_losses]
+        finite = [x for x in client_losses if math.isfinite(x)]
+        record["client_test_loss_mean"] = sum(finite) / len(finite) if finite else math.nan
         record["seconds"] = time.perf_counter() - started
         self.metrics.append(record)
         return record
@@ -405,6 +410,19 @@ class FederationServer:
     # evaluation -------------------------------------------------------------------------------
     def test_examples(self) -> list[Example]:
         return self.assets.examples("test", self.config.cutoff, self.config.eval_examples)
+
+    def evaluate_clients(self) -> list[float]:
+        """Loss on each client's own test split (its first ``client_eval_examples``): the global model,
+        or for ``standalone`` the client's own model (NaN: no split or evaluation off)."""
+        limit = self.config.client_eval_examples
+        if not limit or self.config.method == "centralized":
+            return []
+        losses = []
+        for k in range(self.config.num_clients):
+            examples = self.assets.examples(f"test:{k}", self.config.cutoff, limit)
+            adapter = self.state.client_adapters.get(k) if self.config.method == "standalone" else self.state.adapter
+            losses.append(self.state.evaluate(self.assets.tokenizer, examples, adapter) if examples else math.nan)
+        return losses
 
     def evaluate(self) -> float:
         examples = self.test_examples()

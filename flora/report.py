@@ -44,3 +44,80 @@ def write_report(out: Path) -> str:
     fig.savefig(out / "loss.png", dpi=100)
     plt.close(fig)
     return table
+
+
+def compare_rows(out: Path) -> list[dict]:
+    """One summary row per run directory under ``out`` (those holding a metrics.jsonl)."""
+    rows = []
+    for run_dir in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").is_file()):
+        metrics = read_metrics(run_dir)
+        if not metrics:
+            continue
+        losses = [m["test_loss"] for m in metrics if m["test_loss"] == m["test_loss"]]
+        errors = [m["aggregation_error"] for m in metrics if m["aggregation_error"] == m["aggregation_error"]]
+        row = {"run": run_dir.name, "method": metrics[0]["method"], "rounds": len(metrics),
+               "final_test_loss": metrics[-1]["test_loss"], "best_test_loss": min(losses) if losses else float("nan"),
+               "max_aggregation_error": max(errors) if errors else float("nan"),
+               "mib_up": sum(m["bytes_up"] for m in metrics) / 2**20,
+               "mib_down": sum(m["bytes_down"] for m in metrics) / 2**20,
+               "round_seconds": sum(m["seconds"] for m in metrics),
+               "test_loss_per_round": [m["test_loss"] for m in metrics]}
+        wall = run_dir / "wall.json"
+        row["wall_seconds"] = json.loads(wall.read_text())["wall_seconds"] if wall.is_file() else row["round_seconds"]
+        evaluation = run_dir / "eval.json"
+        if evaluation.is_file():
+            cloze = json.loads(evaluation.read_text()).get("mmlu", {}).get("cloze", {})
+            row["mmlu_cloze"] = cloze.get("accuracy")
+            row["mmlu_ci95"] = cloze.get("ci95")
+        rows.append(row)
+    return rows
+
+
+def compare_table(rows: list[dict]) -> str:
+    lines = ["| run | final test loss | best test loss | MMLU cloze (95% CI) | max agg. error | MiB up | MiB down | wall s |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        mmlu = "–"
+        if r.get("mmlu_cloze") is not None:
+            ci = r.get("mmlu_ci95") or [float("nan")] * 2
+            mmlu = f"{r['mmlu_cloze']:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci[0] == ci[0] else "")
+        lines.append(f"| {r['run']} | {r['final_test_loss']:.4f} | {r['best_test_loss']:.4f} | {mmlu} | "
+                     f"{r['max_aggregation_error']:.2e} | {r['mib_up']:.1f} | {r['mib_down']:.1f} | "
+                     f"{r['wall_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_compare_report(out: Path) -> str:
+    """``compare.md``, ``compare.json``, ``test_loss.png`` and ``bytes.png`` from the run dirs in ``out``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = compare_rows(out)
+    if not rows:
+        raise FileNotFoundError(f"{out}: no run directories with metrics.jsonl")
+    table = compare_table(rows)
+    (out / "compare.md").write_text(table + "\n")
+    (out / "compare.json").write_text(json.dumps(rows, indent=2))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.plot(range(1, len(r["test_loss_per_round"]) + 1), r["test_loss_per_round"], marker="o", label=r["run"])
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test loss (assistant tokens)")
+    ax.set_title("test loss per round")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "test_loss.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["mib_up"] for r in rows], width=0.4, label="up")
+    ax.bar([i + 0.2 for i in x], [r["mib_down"] for r in rows], width=0.4, label="down")
+    ax.set_xticks(list(x), [r["run"] for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("MiB (all rounds, all clients)")
+    ax.set_title("communication per run")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bytes.png", dpi=100)
+    plt.close(fig)
+    return table

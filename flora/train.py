@@ -150,8 +150,8 @@ def causal_lm_parts(model: torch.nn.Module):
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
-def target_loss_sum(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target tokens, and their count.
+def target_token_losses(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy of every target token ``(N,)`` and the batch row it belongs to ``(N,)``.
 
     The output head runs on target positions only: ``hidden (B, T, h)`` → ``(N, h)`` for the
     ``N`` positions whose next token is a target, → logits ``(N, V)``.
@@ -161,8 +161,15 @@ def target_loss_sum(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     logits = head(hidden[:, :-1][mask])
-    loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
-    return loss, int(mask.sum())
+    losses = F.cross_entropy(logits.float(), targets[mask], reduction="none")
+    rows = torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)[mask]
+    return losses, rows
+
+
+def target_loss_sum(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over target tokens, and their count."""
+    losses, _ = target_token_losses(model, batch)
+    return losses.sum(), int(losses.numel())
 
 
 def _micro_batches(batch: Sequence[Example], size: int) -> list[list[Example]]:

@@ -243,7 +243,7 @@ def test_resume_refuses_changed_config_and_bad_checkpoints(assets_dir, tmp_path)
     from flora.checkpoint import CheckpointError
 
     config = tiny_config(assets_dir, tmp_path, rounds=1)
-    with pytest.raises(CheckpointError, match="no checkpoint to resume"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         run_in_process(config, progress=lambda _: None, resume=True)
     run_in_process(config, progress=lambda _: None)
     state = tmp_path / "out" / "checkpoint" / "state.json"
