@@ -40,7 +40,7 @@ class RunConfig:
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.05
     max_update_norm: float = 0.0  # reject client updates with ‖B A‖_F above this (0 = no bound)
-    broadcast: str = "smallest"  # smallest | stacked | refactorized | dense
+    broadcast: str = "private"  # private (never a client's own factors) | smallest | stacked | refactorized | dense
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies (Flower engine)
     # LoRA and local training
     alpha_per_rank: float = 2.0  # alpha_k = alpha_per_rank * r_k (the paper's scaling 2 for every rank)
@@ -83,8 +83,9 @@ class RunConfig:
             raise ConfigError(f"weighting = {self.weighting!r}: expected 'num_examples' or 'uniform'")
         if self.partition not in ("iid", "dirichlet", "quantity"):
             raise ConfigError(f"partition = {self.partition!r}: expected 'iid', 'dirichlet' or 'quantity'")
-        if self.broadcast not in ("smallest", "stacked", "refactorized", "dense"):
-            raise ConfigError(f"broadcast = {self.broadcast!r}: expected smallest, stacked, refactorized or dense")
+        if self.broadcast not in ("private", "smallest", "stacked", "refactorized", "dense"):
+            raise ConfigError(f"broadcast = {self.broadcast!r}: expected private, smallest, stacked, refactorized "
+                              f"or dense")
         if not self.lr > 0 or not self.alpha_per_rank > 0 or not 0 <= self.dropout < 1:
             raise ConfigError("lr and alpha_per_rank must be > 0 and dropout in [0, 1)")
         if not self.round_timeout > 0:

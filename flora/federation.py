@@ -398,8 +398,9 @@ class FederationServer:
     def _broadcast_form(self, A: torch.Tensor, B: torch.Tensor) -> tuple[str, Merge]:
         form = self.config.broadcast
         out_dim, in_dim = B.shape[0], A.shape[1]
-        if form == "smallest":
-            form = smallest_exact_form(A.shape[0], min(A.shape[0], out_dim, in_dim), out_dim, in_dim).form
+        if form in ("smallest", "private"):
+            form = smallest_exact_form(A.shape[0], min(A.shape[0], out_dim, in_dim), out_dim, in_dim,
+                                       private=form == "private").form
         if form == "dense":
             return form, B @ A
         if form == "refactorized":

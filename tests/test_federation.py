@@ -262,3 +262,38 @@ def test_resume_refuses_changed_config_and_bad_checkpoints(assets_dir, tmp_path)
     # nothing already written was lost
     assert (tmp_path / "out" / "metrics.jsonl").read_text() == metrics_before
     assert state.read_text() == saved
+
+
+def _max_abs_cosine(rows: torch.Tensor, others: torch.Tensor) -> float:
+    a = torch.nn.functional.normalize(rows.double(), dim=1)
+    b = torch.nn.functional.normalize(others.double(), dim=1)
+    return float((a @ b.T).abs().max())
+
+
+def test_private_broadcast_reveals_no_client_factors_and_merges_like_stacking(assets_dir, tmp_path):
+    weights = {}
+    for form in ("private", "stacked"):
+        clear_assets()
+        FederationClient._states.clear()
+        config = tiny_config(assets_dir, tmp_path / form, rounds=1, broadcast=form)
+        server = server_for(config)
+        client = FederationClient(config)
+        replies = [client.train(k, f"node-{k}", 1, *server.updates_for(f"node-{k}")) for k in range(3)]
+        server.aggregate_round(1, replies, 0, 0.0)
+        weights[form] = _weights(server.state.model)
+        if form != "private":
+            continue
+        update = server.history[-1]
+        assert set(update.forms) <= {"refactorized", "dense"} and update.forms
+        for name, merge in update.merge.items():
+            for reply in replies:
+                A_k, B_k = reply.factors[name]
+                if isinstance(merge, torch.Tensor):  # dense Σ p_k B_k A_k: not any single client's product
+                    assert float((merge - B_k @ A_k).norm()) > 1e-3 * float(merge.norm())
+                    continue
+                A, B = merge
+                assert _max_abs_cosine(A, A_k) < 1 - 1e-4, name  # no row of A is a (scaled) client row
+                assert _max_abs_cosine(B.T, B_k.T) < 1 - 1e-4, name
+    for name, expected in weights["stacked"].items():
+        got = weights["private"][name]
+        assert float((got - expected).norm()) <= 1e-5 * max(float(expected.norm()), 1e-12), name

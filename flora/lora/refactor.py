@@ -116,19 +116,21 @@ class BroadcastChoice:
 
 
 def smallest_exact_form(stacked_rank: int, numerical_rank: int, out_dim: int, in_dim: int,
-                        itemsize: int = 4) -> BroadcastChoice:
+                        itemsize: int = 4, private: bool = False) -> BroadcastChoice:
     """Pick the smallest exact encoding of a stacked update of rank ``stacked_rank``.
 
     ``numerical_rank`` is the rank of the product (``<= min(stacked_rank, out, in)``); the
     re-factorised form costs ``numerical_rank · (out + in)``, the dense one ``out · in``.
-    Ties prefer stacked (no compute), then re-factorised (private).
+    Ties prefer stacked (no compute), then re-factorised. ``private`` leaves out the stacked form,
+    which carries every client's own factors: re-factorised is never larger than stacked, so
+    privacy costs no bytes, only the re-factorisation's compute.
     """
     sizes = {
         "stacked": factors_bytes(stacked_rank, out_dim, in_dim, itemsize),
         "refactorized": factors_bytes(numerical_rank, out_dim, in_dim, itemsize),
         "dense": dense_bytes(out_dim, in_dim, itemsize),
     }
-    order = ["stacked", "refactorized", "dense"]
+    order = ["refactorized", "dense"] if private else ["stacked", "refactorized", "dense"]
     form = min(order, key=lambda f: (sizes[f], order.index(f)))
     rank = {"stacked": stacked_rank, "refactorized": numerical_rank, "dense": min(out_dim, in_dim)}[form]
     return BroadcastChoice(form=form, nbytes=sizes[form], sizes=sizes, rank=rank)

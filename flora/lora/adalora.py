@@ -1,0 +1,43 @@
+"""AdaLoRA state → plain LoRA factors, so the aggregation core stacks AdaLoRA clients unchanged.
+
+peft's AdaLoRA layer holds ``P = lora_B (out, r)``, ``Λ = lora_E (r, 1)`` and ``Q = lora_A (r, in)``
+and adds ``ΔW = P (Q ⊙ Λ) · scaling / (ranknum + 1e-5)``; the rank allocator prunes by setting
+entries of ``Λ`` to zero. Dropping those entries and folding ``Λ`` and the scaling into ``B`` gives
+``A = Q[kept] (r', in)``, ``B = P[:, kept] · diag(Λ[kept]) · scaling / (ranknum + 1e-5) (out, r')``
+with ``B A = ΔW`` and ``r'`` the effective rank (non-pruned singular values).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flora.lora.factors import Factors
+
+
+def adalora_to_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, lora_E: torch.Tensor, scaling: float,
+                       ranknum: float) -> Factors:
+    """Plain factors of one AdaLoRA layer with pruned ranks removed (shapes in the module docstring)."""
+    values = lora_E.detach().reshape(-1)
+    kept = torch.nonzero(values != 0).reshape(-1)
+    factor = scaling / (float(ranknum) + 1e-5)
+    A = lora_A.detach()[kept].clone()
+    B = (lora_B.detach()[:, kept] * values[kept] * factor).clone()
+    return A, B
+
+
+def extract_adalora_factors(peft_model, adapter: str = "default") -> dict[str, Factors]:
+    """``{base-model layer name: (A, B)}`` for every AdaLoRA layer of ``peft_model``."""
+    from peft.tuners.adalora.layer import AdaLoraLayer
+
+    factors = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, AdaLoraLayer) and adapter in module.lora_A:
+            layer = name.removeprefix("base_model.model.")
+            factors[layer] = adalora_to_factors(module.lora_A[adapter], module.lora_B[adapter],
+                                                module.lora_E[adapter], module.scaling[adapter],
+                                                float(module.ranknum[adapter]))
+    return factors
+
+
+def effective_ranks(factors: dict[str, Factors]) -> dict[str, int]:
+    return {name: int(A.shape[0]) for name, (A, _) in factors.items()}
