@@ -66,6 +66,22 @@ def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
+def json_lines(path: Path, label: str):
+    """``(line number, value)`` for every non-blank line of a JSONL file; :class:`DataError` naming
+    ``label``, the file and the line when one is not JSON or the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{label} {path}: not found")
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{label} {path}: line {number}: invalid JSON ({exc.msg})") from None
+
+
 def read_rows(path: Path, allow_truncated: bool = False) -> tuple[list, int]:
     """Raw rows of a .json (array), .jsonl file, or a `datasets` save_to_disk directory.
 

@@ -12,7 +12,6 @@ are enough), in a seeded order. Deterministic: no sampling anywhere; ties go to 
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from flora.data.formats import DataError
+from flora.data.sources import json_lines
 from flora.eval.loglik import Scored, next_token_logprobs, score_continuations
 
 LETTERS = "ABCD"
@@ -71,28 +71,19 @@ def load_mmlu(path: str | Path | None = None) -> tuple[list[Question], dict[str,
     that is not A–D is skipped and counted (the shipped file has 2 such rows).
     """
     path = Path(path) if path is not None else default_mmlu_path()
-    if not path.is_file():
-        raise DataError(f"MMLU file {path}: not found")
     questions, skipped = [], defaultdict(int)
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"MMLU file {path}: line {number}: invalid JSON ({exc.msg})") from None
-            keys = ("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic")
-            if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in keys):
-                skipped["missing or non-string field"] += 1
-                continue
-            if row["correct_answer"].strip().upper() not in LETTERS:
-                skipped[f"correct_answer not A-D"] += 1
-                continue
-            questions.append(Question(question=row["question"].strip(),
-                                      choices=tuple(row[f"answer_{x}"].strip() for x in "abcd"),  # type: ignore[arg-type]
-                                      answer=LETTERS.index(row["correct_answer"].strip().upper()),
-                                      subject=row["topic"].strip()))
+    for _, row in json_lines(path, "MMLU file"):
+        keys = ("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic")
+        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in keys):
+            skipped["missing or non-string field"] += 1
+            continue
+        if row["correct_answer"].strip().upper() not in LETTERS:
+            skipped["correct_answer not A-D"] += 1
+            continue
+        questions.append(Question(question=row["question"].strip(),
+                                  choices=tuple(row[f"answer_{x}"].strip() for x in "abcd"),  # type: ignore[arg-type]
+                                  answer=LETTERS.index(row["correct_answer"].strip().upper()),
+                                  subject=row["topic"].strip()))
     if not questions:
         raise DataError(f"MMLU file {path}: no valid questions")
     return questions, dict(skipped)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from flora.data.formats import DataError
+from flora.data.sources import json_lines
 
 JUDGE_SYSTEM = "You are a helpful assistant."
 SINGLE_V1 = (
@@ -60,17 +61,8 @@ class MTQuestion:
 
 
 def load_questions(path: str | Path) -> list[MTQuestion]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"MT-bench question file {path}: not found")
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"MT-bench question file {path}: line {number}: invalid JSON ({exc.msg})") from None
+    for number, row in json_lines(path, "MT-bench question file"):
         turns = row.get("turns") if isinstance(row, dict) else None
         if "question_id" not in (row if isinstance(row, dict) else {}):
             raise DataError(f"MT-bench question file {path}: line {number}: missing field 'question_id'")
