@@ -40,6 +40,8 @@ class RunConfig:
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.05
     max_update_norm: float = 0.0  # reject client updates with ‖B A‖_F above this (0 = no bound)
+    clip_update_norm: float = 0.0  # scale each client's whole update down to this norm (0 = off)
+    outlier_mad: float = 0.0  # reject updates whose norm's modified z-score (median/MAD) exceeds this (0 = off)
     broadcast: str = "private"  # private (never a client's own factors) | smallest | stacked | refactorized | dense
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies (Flower engine)
     # LoRA and local training
@@ -90,7 +92,7 @@ class RunConfig:
             raise ConfigError("lr and alpha_per_rank must be > 0 and dropout in [0, 1)")
         if not self.round_timeout > 0:
             raise ConfigError(f"round_timeout = {self.round_timeout}: expected seconds > 0")
-        for key in ("max_update_norm", "max_examples", "eval_examples", "client_eval_examples"):
+        for key in ("max_update_norm", "clip_update_norm", "outlier_mad", "max_examples", "eval_examples", "client_eval_examples"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} = {getattr(self, key)}: expected a value >= 0")
         if not self.targets:

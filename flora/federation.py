@@ -36,6 +36,7 @@ from flora.data.tokenize import Example, encode_all
 from flora.lora.aggregate import aggregate, aggregation_error
 from flora.lora.factors import Factors, InvalidUpdateError, check_update, client_weights, truncate_factors
 from flora.lora.refactor import refactorize, smallest_exact_form
+from flora.lora.robust import clip_update, mad_outliers, update_norm
 from flora.models.loader import check_target_modules, load_model
 from flora.train import LoraSpec, TrainSpec, evaluate_loss, layer_shapes, merge_update, train_client
 
@@ -347,6 +348,7 @@ class FederationServer:
                 log.warning("round %d: rejected update: %s", round_, exc)
                 continue
             accepted.append(reply)
+        accepted = self._robust_filter(round_, accepted, rejected)
         bytes_up = sum(_nbytes(f) for r in replies if r.factors for f in r.factors.values())
         record = {"round": round_, "method": config.method, "clients_ok": len(accepted),
                   "clients_failed": len(failed), "clients_rejected": len(rejected),
@@ -371,6 +373,30 @@ class FederationServer:
         record["seconds"] = time.perf_counter() - started
         self.metrics.append(record)
         return record
+
+    def _robust_filter(self, round_: int, accepted: list[ClientReply], rejected: list[ClientReply]
+                       ) -> list[ClientReply]:
+        """Norm clipping (``clip_update_norm``) then outlier rejection (``outlier_mad``), both optional."""
+        config = self.config
+        if config.clip_update_norm:
+            for reply in accepted:
+                reply.factors, factor = clip_update(reply.factors, config.clip_update_norm)
+                if factor < 1:
+                    log.info("round %d: client %d update clipped by %.3g", round_, reply.client, factor)
+        if not config.outlier_mad:
+            return accepted
+        norms = [update_norm(r.factors) for r in accepted]
+        centre = sorted(norms)[len(norms) // 2] if norms else 0.0
+        kept = []
+        for reply, norm, score in zip(accepted, norms, mad_outliers(norms, config.outlier_mad)):
+            if score is None:
+                kept.append(reply)
+                continue
+            rejected.append(reply)
+            log.warning("round %d: rejected update: client %d: norm %.4g is an outlier (median %.4g, modified "
+                        "z-score %.3g > outlier_mad = %g)", round_, reply.client, norm, centre, score,
+                        config.outlier_mad)
+        return kept
 
     def _aggregate(self, round_: int, accepted: Sequence[ClientReply]) -> tuple[RoundUpdate, float]:
         config = self.config

@@ -297,3 +297,54 @@ def test_private_broadcast_reveals_no_client_factors_and_merges_like_stacking(as
     for name, expected in weights["stacked"].items():
         got = weights["private"][name]
         assert float((got - expected).norm()) <= 1e-5 * max(float(expected.norm()), 1e-12), name
+
+
+@pytest.mark.parametrize("attack", ["scaled", "random"])
+def test_outlier_update_is_rejected_and_model_stays_near_honest_run(assets_dir, tmp_path, caplog, attack):
+    """Client 1 sends its update ×50 or a random one of the same shapes (large norm): with
+    ``outlier_mad`` the server rejects it and the global model stays near the honest run."""
+    def final_delta(outlier_mad: float, malicious: bool, dropped: bool = False) -> dict[str, torch.Tensor]:
+        clear_assets()
+        FederationClient._states.clear()
+        config = tiny_config(assets_dir, tmp_path, rounds=1, num_clients=4, ranks=[4, 2, 2, 1], outlier_mad=outlier_mad)
+        server = server_for(config)
+        before = _weights(server.state.model)
+        client = FederationClient(config)
+        replies = [client.train(k, f"node-{k}", 1, *server.updates_for(f"node-{k}")) for k in range(4)]
+        if malicious:
+            generator = torch.Generator().manual_seed(1)
+            replies[1].factors = {
+                name: ((A, B * 50) if attack == "scaled" else
+                       (torch.randn(A.shape, generator=generator), torch.randn(B.shape, generator=generator)))
+                for name, (A, B) in replies[1].factors.items()}
+        if dropped:
+            replies.pop(1)
+        record = server.aggregate_round(1, replies, 0, 0.0)
+        assert record["clients_rejected"] == (1 if malicious and outlier_mad else 0)
+        return {k: v - before[k] for k, v in _weights(server.state.model).items()}
+
+    honest = final_delta(3.5, malicious=False)
+    defended = final_delta(3.5, malicious=True)
+    undefended = final_delta(0.0, malicious=True)
+    assert "client 1: norm" in caplog.text and "is an outlier" in caplog.text
+
+    def distance(a, b):
+        return sum(float((a[k] - b[k]).norm()) ** 2 for k in a) ** 0.5
+
+    honest_norm = sum(float(v.norm()) ** 2 for v in honest.values()) ** 0.5
+    without_client_1 = final_delta(3.5, malicious=False, dropped=True)
+    assert distance(defended, without_client_1) <= 1e-6 * honest_norm  # rejection == leaving client 1 out
+    assert distance(defended, honest) < honest_norm  # only client 1's honest share is missing
+    assert distance(undefended, honest) > 10 * distance(defended, honest)
+
+
+def test_robust_helpers_reference_values():
+    from flora.lora.robust import clip_update, mad_outliers, update_norm
+
+    A, B = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    assert update_norm({"l": (A, B)}) == pytest.approx(float((B @ A).norm()))
+    clipped, factor = clip_update({"l": (A, B)}, 0.5 * float((B @ A).norm()))
+    assert factor == pytest.approx(0.5) and update_norm(clipped) == pytest.approx(0.5 * float((B @ A).norm()))
+    # median 2, MAD 1: 10 has modified z 0.6745 * 8 = 5.4 > 3.5; 3 has 0.67
+    assert mad_outliers([1.0, 2.0, 3.0, 10.0, 2.0], 3.5) == [None, None, None, pytest.approx(5.396), None]
+    assert mad_outliers([1.0, 100.0], 3.5) == [None, None]
