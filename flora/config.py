@@ -92,7 +92,8 @@ class RunConfig:
             raise ConfigError("lr and alpha_per_rank must be > 0 and dropout in [0, 1)")
         if not self.round_timeout > 0:
             raise ConfigError(f"round_timeout = {self.round_timeout}: expected seconds > 0")
-        for key in ("max_update_norm", "clip_update_norm", "outlier_mad", "max_examples", "eval_examples", "client_eval_examples"):
+        for key in ("max_update_norm", "clip_update_norm", "outlier_mad", "max_examples", "eval_examples",
+                    "client_eval_examples"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} = {getattr(self, key)}: expected a value >= 0")
         if not self.targets:

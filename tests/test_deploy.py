@@ -90,8 +90,20 @@ out_dir = "{tmp_path / 'out'}"
     assert "client 2 (node" in log and "failed" in log
 
 
+def _kill_matching(fragment: str) -> None:
+    """SIGTERM every process whose command line contains ``fragment`` (no pkill needed)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if fragment in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGTERM)
+        except (OSError, ProcessLookupError):
+            continue
+
+
 def _netns_available() -> bool:
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or not any(Path(d, "ip").exists() for d in os.environ.get("PATH", "").split(os.pathsep)):
         return False
     probe = subprocess.run(["ip", "netns", "add", "flora-test-probe"], capture_output=True)
     subprocess.run(["ip", "netns", "del", "flora-test-probe"], capture_output=True)
@@ -139,7 +151,7 @@ def test_flwr_run_simulation_offline(tmp_path, tiny_tokenizer):
                                "num-supernodes=3", "--run-config", f"config-file='{config}'"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=400)
     finally:  # Flower leaves its local SuperLink running
-        subprocess.run(["pkill", "-f", f"flower-superlink.*{env['FLWR_LOCAL_CONTROL_API_PORT']}"], capture_output=True)
+        _kill_matching(f"--control-api-address 127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["clients_ok"], m["clients_failed"]) for m in metrics] == [(3, 0), (3, 0)]
