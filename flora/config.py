@@ -45,6 +45,8 @@ class RunConfig:
     broadcast: str = "private"  # private (never a client's own factors) | smallest | stacked | refactorized | dense
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies (Flower engine)
     # LoRA and local training
+    adapters: list[str] = field(default_factory=lambda: ["lora"])  # per client (or one for all): lora | adalora
+    adalora_target_ratio: float = 0.5  # AdaLoRA: target average rank = ratio x the client's initial rank
     alpha_per_rank: float = 2.0  # alpha_k = alpha_per_rank * r_k (the paper's scaling 2 for every rank)
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -64,6 +66,9 @@ class RunConfig:
 
     def client_rank(self, client: int) -> int:
         return self.ranks[0] if len(self.ranks) == 1 else self.ranks[client]
+
+    def client_adapter(self, client: int) -> str:
+        return self.adapters[0] if len(self.adapters) == 1 else self.adapters[client]
 
     def validate(self) -> None:
         if self.method not in ALL_METHODS:
@@ -90,6 +95,13 @@ class RunConfig:
                               f"or dense")
         if not self.lr > 0 or not self.alpha_per_rank > 0 or not 0 <= self.dropout < 1:
             raise ConfigError("lr and alpha_per_rank must be > 0 and dropout in [0, 1)")
+        if any(a not in ("lora", "adalora") for a in self.adapters) or len(self.adapters) not in (1, self.num_clients):
+            raise ConfigError(f"adapters = {self.adapters}: expected 'lora' / 'adalora', one for all or one per client")
+        if "adalora" in self.adapters and self.method not in ("flora", "centralized"):
+            raise ConfigError(f"adapters = {self.adapters}: AdaLoRA clients need method 'flora' or 'centralized' "
+                              f"(fresh adapters every round), got {self.method!r}")
+        if not 0 < self.adalora_target_ratio <= 1:
+            raise ConfigError(f"adalora_target_ratio = {self.adalora_target_ratio}: expected a value in (0, 1]")
         if not self.round_timeout > 0:
             raise ConfigError(f"round_timeout = {self.round_timeout}: expected seconds > 0")
         for key in ("max_update_norm", "clip_update_norm", "outlier_mad", "max_examples", "eval_examples",

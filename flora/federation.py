@@ -136,6 +136,7 @@ class ClientReply:
     seconds: float = 0.0
     error: str | None = None
     applied: int = 0  # round updates the client's model holds after this round's catch-up
+    rank: int = 0  # the adapter's (initial) rank; AdaLoRA may send fewer
 
 
 # --- assets ------------------------------------------------------------------------------------
@@ -250,9 +251,11 @@ def _dense(merge: Merge) -> torch.Tensor:
 
 # --- client -----------------------------------------------------------------------------------
 
-def lora_spec(config: RunConfig, rank: int) -> LoraSpec:
+def lora_spec(config: RunConfig, rank: int, client: int = 0) -> LoraSpec:
+    adapter = "lora" if config.method == "centralized" else config.client_adapter(client)
     return LoraSpec(rank=rank, alpha=config.alpha_per_rank * rank, dropout=config.dropout,
-                    targets=tuple(config.targets), freeze_a=config.method == "ffa")
+                    targets=tuple(config.targets), freeze_a=config.method == "ffa", adapter=adapter,
+                    target_rank=max(1, round(rank * config.adalora_target_ratio)))
 
 
 class FederationClient:
@@ -289,13 +292,13 @@ class FederationClient:
         init_seed = config.seed * 7919 + (0 if shared_init else round_ * 1_009 + client + 1)
         init_factors = None if config.method in ("flora", "centralized") else \
             self.state.init_factors(client, rank, truncate=config.method in ("zeropad", "flexlora"))
-        result = train_client(self.state.model, self.assets.tokenizer, examples, lora_spec(config, rank),
+        result = train_client(self.state.model, self.assets.tokenizer, examples, lora_spec(config, rank, client),
                               train_spec, init_seed=init_seed, init_factors=init_factors)
         if config.method == "standalone":
             self.state.client_adapters[client] = result.factors  # never leaves this client in a deployment
         return ClientReply(client=client, node=node, factors=result.factors, num_examples=result.num_examples,
                            train_loss=result.train_loss, tokens=result.tokens, seconds=result.seconds,
-                           applied=self.state.applied)
+                           applied=self.state.applied, rank=rank)
 
 
 # --- server -----------------------------------------------------------------------------------
@@ -361,6 +364,7 @@ class FederationServer:
             update, error = self._aggregate(round_, accepted)
         self.history.append(update)
         self.state.apply([update], len(self.history) - 1)
+        record.update(rank_record(accepted, self.assets.layer_shapes))
         record["aggregation_error"] = error
         record["broadcast_forms"] = update.forms
         record["train_loss"] = _weighted_mean([r.train_loss for r in accepted], [r.num_examples for r in accepted])
@@ -458,6 +462,20 @@ class FederationServer:
                       for adapter in self.state.client_adapters.values()]
             return float(sum(losses) / len(losses)) if losses else math.nan
         return self.state.evaluate(self.assets.tokenizer, examples, self.state.adapter)
+
+
+def rank_record(accepted: Sequence[ClientReply], shapes: Mapping[str, tuple[int, int]]) -> dict:
+    """Effective ranks (mean over layers) per client, their sum (the paper's "sum of local ranks"), and
+    the upload bytes saved against plain LoRA at each client's initial rank (AdaLoRA prunes)."""
+    ranks, saved = {}, 0
+    for reply in accepted:
+        sizes = [0 if not B.any() else A.shape[0] for A, B in reply.factors.values()]  # a zero pair: pruned
+        ranks[str(reply.client)] = sum(sizes) / len(sizes) if sizes else 0.0
+        if reply.rank:
+            itemsize = next(iter(reply.factors.values()))[0].element_size()
+            full = sum(reply.rank * (o + i) for o, i in (shapes[name] for name in reply.factors)) * itemsize
+            saved += full - sum(_nbytes(f) for f in reply.factors.values())
+    return {"client_ranks": ranks, "sum_local_ranks": sum(ranks.values()), "bytes_saved_vs_initial_rank": saved}
 
 
 def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:

@@ -128,7 +128,8 @@ class FloraStrategy(FedAvg):
             parsed.append(ClientReply(client=client, node=node, factors=factors,
                                       num_examples=int(metrics["num-examples"]),
                                       train_loss=float(metrics["train-loss"]), tokens=int(metrics["tokens"]),
-                                      seconds=float(metrics["seconds"]), error=error, applied=int(metrics["applied"])))
+                                      seconds=float(metrics["seconds"]), error=error, applied=int(metrics["applied"]),
+                                      rank=int(meta["rank"])))
             if not error:
                 self.progress(f"  round {server_round} client {client} (rank {meta['rank']}): train loss "
                               f"{parsed[-1].train_loss:.4f}, {parsed[-1].tokens / max(parsed[-1].seconds, 1e-9):.0f} tok/s")

@@ -37,6 +37,9 @@ class LoraSpec:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     rslora: bool = False
     freeze_a: bool = False  # FFA-LoRA: A stays at its (shared, seeded) initialisation
+    adapter: str = "lora"  # or "adalora": peft's AdaLoRA, initial rank ``rank``, pruned towards ``target_rank``
+    target_rank: int | None = None  # AdaLoRA's target average rank (default rank // 2)
+    orth_reg_weight: float = 0.5  # AdaLoRA's orthogonality regulariser on P and Q
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,23 @@ def layer_shapes(model: torch.nn.Module, targets: Sequence[str]) -> dict[str, tu
 
 
 def attach_adapter(model: torch.nn.Module, lora: LoraSpec, init_seed: int,
-                   init_factors: Mapping[str, Factors] | None = None):
+                   init_factors: Mapping[str, Factors] | None = None, total_steps: int = 1):
     """Wrap ``model`` with a fresh LoRA adapter (A seeded by ``init_seed``, B zero), or one
-    initialised from ``init_factors`` (scaling folded into B, as the server sends them)."""
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.targets), use_rslora=lora.rslora, bias="none")
+    initialised from ``init_factors`` (scaling folded into B, as the server sends them).
+
+    AdaLoRA (``lora.adapter == "adalora"``): budget schedule over ``total_steps`` optimizer steps,
+    warm-up the first 10 %, final phase the last 20 %; always fresh (FLoRA restarts adapters)."""
+    if lora.adapter == "adalora":
+        if init_factors is not None:
+            raise ValueError("AdaLoRA clients start a fresh adapter every round (method = 'flora')")
+        from peft import AdaLoraConfig
+        config = AdaLoraConfig(init_r=lora.rank, target_r=lora.target_rank or max(1, lora.rank // 2),
+                               lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets),
+                               total_step=total_steps, tinit=total_steps // 10, tfinal=total_steps // 5, deltaT=1,
+                               orth_reg_weight=lora.orth_reg_weight)
+    else:
+        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=list(lora.targets), use_rslora=lora.rslora, bias="none")
     torch.manual_seed(init_seed)
     peft_model = get_peft_model(model, config)
     if init_factors is not None:
@@ -199,7 +214,8 @@ def train_client(model: torch.nn.Module, tokenizer, examples: Sequence[Example],
         raise ValueError("train_client: the client has no training examples")
     was_training = model.training
     peft_model = attach_adapter(model, lora, init_seed=train.seed if init_seed is None else init_seed,
-                                init_factors=init_factors)
+                                init_factors=init_factors, total_steps=train.steps)
+    adalora = lora.adapter == "adalora"
     try:
         torch.manual_seed(train.seed)  # LoRA dropout
         params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -218,20 +234,40 @@ def train_client(model: torch.nn.Module, tokenizer, examples: Sequence[Example],
                 (loss_sum / n_targets).backward()  # token-weighted mean over the whole batch
                 step_loss += float(loss_sum.detach())
                 tokens += sum(len(e.input_ids) for e in micro)
+            if adalora and lora.orth_reg_weight:
+                (lora.orth_reg_weight * adalora_orthogonality(peft_model)).backward()
             if train.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             optimizer.step()
+            if adalora:  # sensitivity from this step's gradients, then prune to the step's budget
+                peft_model.base_model.update_and_allocate(step)
             target_tokens += n_targets
             losses.append(step_loss / n_targets)
             if progress is not None:
                 progress(step + 1, losses[-1])
         seconds = time.perf_counter() - start
-        factors = extract_factors(peft_model)
+        if adalora:
+            from flora.lora.adalora import extract_adalora_factors
+            factors = extract_adalora_factors(peft_model)
+        else:
+            factors = extract_factors(peft_model)
     finally:
         base = detach_adapter(peft_model)
         base.train(was_training)
     return ClientResult(factors=factors, num_examples=len(examples), train_loss=float(np.mean(losses)),
                         steps=len(losses), target_tokens=target_tokens, tokens=tokens, seconds=seconds, losses=losses)
+
+
+def adalora_orthogonality(peft_model) -> torch.Tensor:
+    """AdaLoRA's regulariser, as peft adds it in ``AdaLoraModel.forward``: the mean over P and Q of
+    ``‖MᵀM − I‖_F`` (our loss does not go through that forward)."""
+    terms = []
+    for name, param in peft_model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and param.requires_grad:
+            para_cov = param @ param.T if "lora_A" in name else param.T @ param
+            identity = torch.eye(*para_cov.size(), out=torch.empty_like(para_cov))
+            terms.append(torch.norm(para_cov - identity, p="fro"))
+    return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 @torch.no_grad()

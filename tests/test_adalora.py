@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import AdaLoraConfig, get_peft_model
 from peft.tuners.adalora.layer import AdaLoraLayer
@@ -36,3 +37,46 @@ def test_converted_factors_reproduce_peft_delta_after_pruning(tiny_model):
     for layer, (A, B) in factors.items():
         reference = 0.5 * B @ A + 0.5 * other[layer][1] @ other[layer][0]
         assert float((result.delta(layer) - reference).norm()) <= 1e-5 * float(reference.norm())
+
+
+def test_adalora_client_trains_prunes_and_leaves_base_untouched(tiny_model, tiny_tokenizer, records):
+    from flora.data.tokenize import encode_all
+    from flora.train import LoraSpec, TrainSpec, train_client
+
+    examples, _ = encode_all(tiny_tokenizer, records, 64)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    spec = LoraSpec(rank=6, alpha=12, dropout=0.0, targets=("q_proj", "v_proj"), adapter="adalora", target_rank=2)
+    result = train_client(tiny_model, tiny_tokenizer, examples, spec, TrainSpec(steps=10, batch_size=4,
+                                                                                  micro_batch_size=2, lr=1e-2))
+    ranks = [A.shape[0] for A, _ in result.factors.values()]
+    assert len(result.factors) == 4 and all(r <= 6 for r in ranks)
+    assert sum(ranks) <= 2 * len(ranks)  # pruned to the target budget (average rank 2)
+    assert all(torch.isfinite(B).all() for _, B in result.factors.values())
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("lora" in k for k in after)
+
+
+def test_mixed_lora_and_adalora_federation_records_effective_ranks(tmp_path, tiny_tokenizer):
+    from conftest import write_tiny_assets
+    from flora.config import RunConfig
+    from flora.federation import FederationClient, clear_assets
+    from flora.runner import run_in_process
+
+    write_tiny_assets(tmp_path, tiny_tokenizer)
+    clear_assets()
+    FederationClient._states.clear()
+    config = RunConfig.from_dict(dict(
+        model=str(tmp_path / "model"), data=str(tmp_path / "data.jsonl"), num_clients=3, ranks=[6, 6, 6],
+        adapters=["adalora", "adalora", "lora"], adalora_target_ratio=0.5, rounds=2, local_steps=6, batch_size=4,
+        micro_batch_size=2, lr=5e-3, cutoff=64, max_examples=0, partition="iid", eval_examples=0, dropout=0.0,
+        out_dir=str(tmp_path / "out")))
+    metrics = run_in_process(config, progress=lambda _: None)
+    clear_assets()
+    FederationClient._states.clear()
+    for record in metrics:
+        ranks = record["client_ranks"]
+        assert ranks["2"] == 6.0 and ranks["0"] <= 3.0 and ranks["1"] <= 3.0  # LoRA keeps 6, AdaLoRA prunes
+        assert record["sum_local_ranks"] == pytest.approx(sum(ranks.values()))
+        assert record["bytes_saved_vs_initial_rank"] > 0
+        assert record["aggregation_error"] < 1e-4  # stacking is exact for any mix of ranks

@@ -4,7 +4,8 @@ peft's AdaLoRA layer holds ``P = lora_B (out, r)``, ``Λ = lora_E (r, 1)`` and `
 and adds ``ΔW = P (Q ⊙ Λ) · scaling / (ranknum + 1e-5)``; the rank allocator prunes by setting
 entries of ``Λ`` to zero. Dropping those entries and folding ``Λ`` and the scaling into ``B`` gives
 ``A = Q[kept] (r', in)``, ``B = P[:, kept] · diag(Λ[kept]) · scaling / (ranknum + 1e-5) (out, r')``
-with ``B A = ΔW`` and ``r'`` the effective rank (non-pruned singular values).
+with ``B A = ΔW`` and ``r'`` the effective rank (non-pruned singular values). A layer pruned to
+rank 0 is sent as a zero rank-1 pair, so every update keeps the layer set the server validates.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ def adalora_to_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, lora_E: torch
     """Plain factors of one AdaLoRA layer with pruned ranks removed (shapes in the module docstring)."""
     values = lora_E.detach().reshape(-1)
     kept = torch.nonzero(values != 0).reshape(-1)
+    if kept.numel() == 0:  # the whole layer pruned: an exact zero update of rank 1 (ranks must be >= 1)
+        return lora_A.detach().new_zeros(1, lora_A.shape[1]), lora_B.detach().new_zeros(lora_B.shape[0], 1)
     factor = scaling / (float(ranknum) + 1e-5)
     A = lora_A.detach()[kept].clone()
     B = (lora_B.detach()[:, kept] * values[kept] * factor).clone()
