@@ -100,8 +100,14 @@ def write_compare_report(out: Path) -> str:
     (out / "compare.md").write_text(table + "\n")
     (out / "compare.json").write_text(json.dumps(rows, indent=2))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.plot(range(1, len(r["test_loss_per_round"]) + 1), r["test_loss_per_round"], marker="o", label=r["run"])
+    colours = plt.get_cmap("tab20").colors
+    methods = sorted({r["method"] for r in rows})
+    for r in rows:  # colour per method, dashed for the heterogeneous setting
+        rounds = range(1, len(r["test_loss_per_round"]) + 1)
+        ax.plot(rounds, r["test_loss_per_round"], marker="o", label=r["run"],
+                color=colours[2 * methods.index(r["method"]) % len(colours)],
+                linestyle="--" if r["run"].startswith("heterogeneous") else "-")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("round")
     ax.set_ylabel("global test loss (assistant tokens)")
     ax.set_title("test loss per round")
