@@ -19,16 +19,17 @@ def _run(args) -> int:
     from flora.report import write_report
 
     config = load_config(args.config, args.set)
+    progress = (lambda _: None) if args.quiet else print
     if args.engine == "local":
         from flora.runner import run_in_process
-        run_in_process(config, resume=args.resume)
+        run_in_process(config, progress=progress, resume=args.resume)
     else:
-        run_flower_simulation(config, resume=args.resume)
+        run_flower_simulation(config, resume=args.resume, progress=progress)
     print(write_report(Path(config.out_dir)))
     return 0
 
 
-def run_flower_simulation(config, resume: bool = False) -> None:
+def run_flower_simulation(config, resume: bool = False, progress=print) -> None:
     """A Flower simulation (Ray backend) of ``config``: one SuperNode per client."""
     import logging
 
@@ -40,7 +41,8 @@ def run_flower_simulation(config, resume: bool = False) -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     num_nodes = 1 if config.method == "centralized" else config.num_clients
     cpus = os.cpu_count() or 1
-    run_simulation(server_app=make_server_app(config, resume), client_app=client_app, num_supernodes=num_nodes,
+    run_simulation(server_app=make_server_app(config, resume, progress), client_app=client_app,
+                   num_supernodes=num_nodes,
                    backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": cpus, "log_to_driver": True}})
     if not (Path(config.out_dir) / "metrics.jsonl").read_text().strip():
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--engine", choices=["flower", "local"], default="flower",
                      help="flower: Flower simulation (Ray); local: the same logic in this process")
+    run.add_argument("--quiet", action="store_true", help="no per-client/per-round progress lines (CI logs)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in out_dir from its last checkpoint (only rounds/threads may change)")
     run.set_defaults(func=_run)

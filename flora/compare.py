@@ -56,7 +56,7 @@ def compare_command(args) -> list[dict]:
             run_in_process(config, progress=progress)
         else:
             from flora.cli import run_flower_simulation
-            run_flower_simulation(config)
+            run_flower_simulation(config, progress=progress)
         wall = time.perf_counter() - started
         (Path(config.out_dir) / "wall.json").write_text(json.dumps({"wall_seconds": wall}))
         clear_assets()  # the next run starts from the base weights again
