@@ -47,6 +47,8 @@ class RunConfig:
     # LoRA and local training
     adapters: list[str] = field(default_factory=lambda: ["lora"])  # per client (or one for all): lora | adalora
     adalora_target_ratio: float = 0.5  # AdaLoRA: target average rank = ratio x the client's initial rank
+    adalora_warmup: float = 0.1  # AdaLoRA budget schedule: fraction of local steps before pruning starts (tinit)
+    adalora_final: float = 0.2  # ... and fraction at the end trained at the final budget (tfinal)
     alpha_per_rank: float = 2.0  # alpha_k = alpha_per_rank * r_k (the paper's scaling 2 for every rank)
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -100,6 +102,9 @@ class RunConfig:
         if "adalora" in self.adapters and self.method not in ("flora", "centralized"):
             raise ConfigError(f"adapters = {self.adapters}: AdaLoRA clients need method 'flora' or 'centralized' "
                               f"(fresh adapters every round), got {self.method!r}")
+        if not (0 <= self.adalora_warmup and 0 <= self.adalora_final and self.adalora_warmup + self.adalora_final < 1):
+            raise ConfigError(f"adalora_warmup = {self.adalora_warmup}, adalora_final = {self.adalora_final}: "
+                              f"expected fractions >= 0 with a sum < 1")
         if not 0 < self.adalora_target_ratio <= 1:
             raise ConfigError(f"adalora_target_ratio = {self.adalora_target_ratio}: expected a value in (0, 1]")
         if not self.round_timeout > 0:

@@ -255,7 +255,8 @@ def lora_spec(config: RunConfig, rank: int, client: int = 0) -> LoraSpec:
     adapter = "lora" if config.method == "centralized" else config.client_adapter(client)
     return LoraSpec(rank=rank, alpha=config.alpha_per_rank * rank, dropout=config.dropout,
                     targets=tuple(config.targets), freeze_a=config.method == "ffa", adapter=adapter,
-                    target_rank=max(1, round(rank * config.adalora_target_ratio)))
+                    target_rank=max(1, round(rank * config.adalora_target_ratio)),
+                    warmup_fraction=config.adalora_warmup, final_fraction=config.adalora_final)
 
 
 class FederationClient:

@@ -40,6 +40,8 @@ class LoraSpec:
     adapter: str = "lora"  # or "adalora": peft's AdaLoRA, initial rank ``rank``, pruned towards ``target_rank``
     target_rank: int | None = None  # AdaLoRA's target average rank (default rank // 2)
     orth_reg_weight: float = 0.5  # AdaLoRA's orthogonality regulariser on P and Q
+    warmup_fraction: float = 0.1  # AdaLoRA: share of the steps before pruning (tinit) ...
+    final_fraction: float = 0.2  # ... and at the final budget (tfinal)
 
 
 @dataclass(frozen=True)
@@ -83,15 +85,16 @@ def attach_adapter(model: torch.nn.Module, lora: LoraSpec, init_seed: int,
     """Wrap ``model`` with a fresh LoRA adapter (A seeded by ``init_seed``, B zero), or one
     initialised from ``init_factors`` (scaling folded into B, as the server sends them).
 
-    AdaLoRA (``lora.adapter == "adalora"``): budget schedule over ``total_steps`` optimizer steps,
-    warm-up the first 10 %, final phase the last 20 %; always fresh (FLoRA restarts adapters)."""
+    AdaLoRA (``lora.adapter == "adalora"``): budget schedule over ``total_steps`` optimizer steps
+    (warm-up and final phases as fractions of them); always fresh (FLoRA restarts adapters)."""
     if lora.adapter == "adalora":
         if init_factors is not None:
             raise ValueError("AdaLoRA clients start a fresh adapter every round (method = 'flora')")
         from peft import AdaLoraConfig
         config = AdaLoraConfig(init_r=lora.rank, target_r=lora.target_rank or max(1, lora.rank // 2),
                                lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets),
-                               total_step=total_steps, tinit=total_steps // 10, tfinal=total_steps // 5, deltaT=1,
+                               total_step=total_steps, tinit=int(total_steps * lora.warmup_fraction),
+                               tfinal=int(total_steps * lora.final_fraction), deltaT=1,
                                orth_reg_weight=lora.orth_reg_weight)
     else:
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
