@@ -6,11 +6,12 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flora.checkpoint import load_checkpoint, save_round
+from flora.checkpoint import checkpoint_dir, load_checkpoint, save_round
 from flora.config import RunConfig, save_config
 from flora.federation import ClientReply, FederationClient, FederationServer, load_assets, sample_clients
 
@@ -61,6 +62,11 @@ def start_run(config: RunConfig, resume: bool = False, progress: Callable[[str],
               ) -> tuple[FederationServer, ResultsWriter]:
     """Server and results writer for a new run, or for one resumed from ``OUT/checkpoint``."""
     checkpoint = load_checkpoint(config.out_dir, config) if resume else None
+    stale = checkpoint_dir(config.out_dir)
+    if not resume and stale.exists():  # a fresh run must not leave another run's rounds to be resumed
+        progress(f"[flora] {config.out_dir} holds an earlier run's checkpoint: starting fresh "
+                 f"(use --resume to continue it instead)")
+        shutil.rmtree(stale)
     server = server_for(config)
     if checkpoint is not None:
         server.restore(checkpoint.updates, checkpoint.metrics)

@@ -262,6 +262,9 @@ def test_resume_refuses_changed_config_and_bad_checkpoints(assets_dir, tmp_path)
     # nothing already written was lost
     assert (tmp_path / "out" / "metrics.jsonl").read_text() == metrics_before
     assert state.read_text() == saved
+    # a fresh run into the same out dir replaces the old checkpoint instead of mixing with it
+    run_in_process(tiny_config(assets_dir, tmp_path, rounds=1, lr=0.1), progress=lambda _: None)
+    assert json.loads(state.read_text())["config"]["lr"] == 0.1 and round_file.stat().st_size > 100
 
 
 def _max_abs_cosine(rows: torch.Tensor, others: torch.Tensor) -> float:
