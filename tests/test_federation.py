@@ -351,3 +351,25 @@ def test_robust_helpers_reference_values():
     # median 2, MAD 1: 10 has modified z 0.6745 * 8 = 5.4 > 3.5; 3 has 0.67
     assert mad_outliers([1.0, 2.0, 3.0, 10.0, 2.0], 3.5) == [None, None, None, pytest.approx(5.396), None]
     assert mad_outliers([1.0, 100.0], 3.5) == [None, None]
+
+
+@pytest.mark.parametrize("method, ranks", [("flora", [4, 2, 1]), ("fedit", [2])])
+def test_run_model_from_checkpoint_is_the_final_global_model(assets_dir, tmp_path, method, ranks):
+    import flora.runner as runner
+    from flora.checkpoint import load_run_model
+
+    servers = []
+    original = runner.server_for
+    try:
+        runner.server_for = lambda config: servers.append(original(config)) or servers[-1]
+        run_in_process(tiny_config(assets_dir, tmp_path, method=method, ranks=ranks), progress=lambda _: None)
+    finally:
+        runner.server_for = original
+    state = servers[-1].state
+    expected = _weights(state.model)
+    for name, (A, B) in (state.adapter or {}).items():  # FedIT's final global adapter is part of the model
+        expected[f"{name}.weight"] += B @ A
+    loaded, config, checkpoint = load_run_model(tmp_path / "out")
+    assert config.method == method and checkpoint.rounds_done == 2
+    for name, weight in loaded.model.state_dict().items():
+        assert float((weight - expected[name]).norm()) <= 1e-6 * max(float(expected[name].norm()), 1e-12), name
