@@ -19,6 +19,7 @@ process-wide torch RNG state is stored and restored as well.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ def save_round(out_dir: str | Path, config: RunConfig, updates: list[RoundUpdate
     round_path = root / "rounds" / f"{index:05d}.safetensors"
     _atomic(round_path, lambda tmp: save_file(update_to_tensors(update), tmp, metadata=metadata))
     state = {"format": FORMAT_VERSION, "rounds_done": index, "config": config.to_dict(),
-             "metrics": [_jsonable(m) for m in metrics], "torch_rng": torch.get_rng_state().numpy().tobytes().hex()}
+             "metrics": [record_to_json(m) for m in metrics], "torch_rng": torch.get_rng_state().numpy().tobytes().hex()}
     _atomic(root / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1)))
 
 
@@ -109,7 +110,7 @@ def _read(out_dir: str | Path, expected: RunConfig | None) -> tuple[Checkpoint, 
         updates.append(update_from_tensors(tensors, round_=int(metadata.get("round", index)),
                                            truncate=metadata.get("truncate") == "1",
                                            forms=json.loads(metadata.get("forms", "{}"))))
-    metrics = [{k: (float("nan") if v is None else v) for k, v in m.items()} for m in metrics]
+    metrics = [record_from_json(m) for m in metrics]
     checkpoint = Checkpoint(rounds_done=rounds_done, updates=updates, metrics=metrics, config=saved_config)
     return checkpoint, torch.frombuffer(bytearray(rng), dtype=torch.uint8)
 
@@ -155,5 +156,10 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _jsonable(record: dict) -> dict:
-    return {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
+def record_to_json(record: dict) -> dict:
+    """A metrics record with NaN as ``None`` (JSON has no NaN); see :func:`record_from_json`."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+
+
+def record_from_json(row: dict) -> dict:
+    return {k: (math.nan if v is None else v) for k, v in row.items()}

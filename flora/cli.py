@@ -39,7 +39,7 @@ def run_flower_simulation(config, resume: bool = False, progress=print) -> None:
     from flora.server_app import make_server_app
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    num_nodes = 1 if config.method == "centralized" else config.num_clients
+    num_nodes = config.num_partitions
     cpus = os.cpu_count() or 1
     run_simulation(server_app=make_server_app(config, resume, progress), client_app=client_app,
                    num_supernodes=num_nodes,

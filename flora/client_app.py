@@ -25,7 +25,7 @@ def train(msg: Message, context: Context) -> Message:
     updates = decode_updates(msg.content["arrays"], first, count)
     client = FederationClient(config)
     reply = client.train(partition_id, str(context.node_id), int(meta["server-round"]), first, updates, rank=rank)
-    used_rank = rank or (max(config.ranks) if config.method == "centralized" else config.client_rank(partition_id))
+    used_rank = rank or config.client_rank(partition_id)
     content = RecordDict({
         "arrays": encode_factors(reply.factors) if reply.factors else ArrayRecord(),
         "metrics": MetricRecord({"num-examples": reply.num_examples, "train-loss": float(reply.train_loss),

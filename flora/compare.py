@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 from flora.config import RunConfig, load_config
@@ -49,7 +50,6 @@ def compare_command(args) -> list[dict]:
     progress = (lambda _: None) if args.quiet else print
     for index, (name, config) in enumerate(runs, start=1):
         print(f"[compare] {index}/{len(runs)} {name}: ranks {config.ranks}")
-        import time
         started = time.perf_counter()
         if args.engine == "local":
             from flora.runner import run_in_process

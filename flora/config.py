@@ -66,7 +66,15 @@ class RunConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def num_partitions(self) -> int:
+        """Training partitions (= clients): ``centralized`` pools all data into one."""
+        return 1 if self.method == "centralized" else self.num_clients
+
     def client_rank(self, client: int) -> int:
+        """The (initial) LoRA rank client ``client`` trains at; ``centralized``: the largest rank."""
+        if self.method == "centralized":
+            return max(self.ranks)
         return self.ranks[0] if len(self.ranks) == 1 else self.ranks[client]
 
     def client_adapter(self, client: int) -> str:

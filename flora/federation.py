@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import median
 
 import torch
 
@@ -182,7 +183,7 @@ def load_assets(config: RunConfig) -> Assets:
         loaded = load_model(config.model)
         check_target_modules(loaded.model, config.targets)
         records, _ = load_records(config.data, fmt=config.format)
-        num_clients = 1 if config.method == "centralized" else config.num_clients
+        num_clients = config.num_partitions
         split = partition(records, num_clients, scheme=config.partition if num_clients > 1 else "iid",
                           alpha=config.dirichlet_alpha, seed=config.seed, test_fraction=config.test_fraction,
                           max_examples=config.max_examples or None)
@@ -272,7 +273,7 @@ class FederationClient:
     def train(self, client: int, node: str, round_: int, first_index: int, updates: Sequence[RoundUpdate],
               rank: int | None = None) -> ClientReply:
         config = self.config
-        num_partitions = 1 if config.method == "centralized" else config.num_clients
+        num_partitions = config.num_partitions
         if not 0 <= client < num_partitions:
             return ClientReply(client=client, node=node, factors=None, applied=self.state.applied,
                                error=f"partition-id {client} is outside this run's {num_partitions} partitions "
@@ -282,7 +283,7 @@ class FederationClient:
         except RuntimeError as exc:
             return ClientReply(client=client, node=node, factors=None, error=f"resync: {exc}",
                                applied=self.state.applied)
-        rank = rank or (max(config.ranks) if config.method == "centralized" else config.client_rank(client))
+        rank = rank or config.client_rank(client)
         split = "train:all" if config.method == "centralized" else f"train:{client}"
         examples = self.assets.examples(split, config.cutoff)
         steps = config.local_steps * (config.num_clients if config.method == "centralized" else 1)
@@ -391,7 +392,7 @@ class FederationServer:
         if not config.outlier_mad:
             return accepted
         norms = [update_norm(r.factors) for r in accepted]
-        centre = sorted(norms)[len(norms) // 2] if norms else 0.0
+        centre = median(norms) if norms else 0.0
         kept = []
         for reply, norm, score in zip(accepted, norms, mad_outliers(norms, config.outlier_mad)):
             if score is None:

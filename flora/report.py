@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from flora.checkpoint import record_from_json
 from flora.runner import results_table
 
 
@@ -19,7 +20,7 @@ def read_metrics(out: Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}: line {number}: invalid JSON ({exc.msg})") from exc
-            rows.append({k: (float("nan") if v is None else v) for k, v in row.items()})
+            rows.append(record_from_json(row))
     return rows
 
 

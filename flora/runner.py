@@ -5,19 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flora.checkpoint import checkpoint_dir, load_checkpoint, save_round
+from flora.checkpoint import checkpoint_dir, load_checkpoint, record_to_json, save_round
 from flora.config import RunConfig, save_config
 from flora.federation import ClientReply, FederationClient, FederationServer, load_assets, sample_clients
-
-METRIC_KEYS = ("round", "method", "aggregation_error", "train_loss", "test_loss", "bytes_up", "bytes_down",
-               "clients_ok", "clients_failed", "seconds")
-
 
 class ResultsWriter:
     """Creates the out dir, saves config and partition report; after every round writes the checkpoint,
@@ -43,11 +38,7 @@ class ResultsWriter:
 
 
 def _json_line(record: dict) -> str:
-    return json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n"
-
-
-def _jsonable(value):
-    return None if isinstance(value, float) and math.isnan(value) else value
+    return json.dumps(record_to_json(record)) + "\n"
 
 
 def server_for(config: RunConfig) -> FederationServer:
@@ -71,8 +62,7 @@ def start_run(config: RunConfig, resume: bool = False, progress: Callable[[str],
     if checkpoint is not None:
         server.restore(checkpoint.updates, checkpoint.metrics)
     writer = ResultsWriter(config, server.assets.partition.report(), server.metrics)
-    num_clients = 1 if config.method == "centralized" else config.num_clients
-    header = (f"[flora] {config.method}: {num_clients} clients, ranks {config.ranks}, {config.rounds} rounds, "
+    header = (f"[flora] {config.method}: {config.num_partitions} clients, ranks {config.ranks}, {config.rounds} rounds, "
               f"{config.local_steps} local steps")
     if checkpoint is not None:
         progress(f"{header}; resumed after round {checkpoint.rounds_done} "
@@ -91,7 +81,7 @@ def run_in_process(config: RunConfig, progress: Callable[[str], None] = print,
     """
     server, writer = start_run(config, resume, progress)
     client = FederationClient(config)
-    num_clients = 1 if config.method == "centralized" else config.num_clients
+    num_clients = config.num_partitions
     for round_ in range(len(server.history) + 1, config.rounds + 1):
         started = time.perf_counter()
         replies, bytes_down = [], 0
@@ -99,7 +89,7 @@ def run_in_process(config: RunConfig, progress: Callable[[str], None] = print,
                                 round_, config.seed):
             node = f"node-{k}"
             first, updates = server.updates_for(node)
-            rank = max(config.ranks) if config.method == "centralized" else config.client_rank(k)
+            rank = config.client_rank(k)
             bytes_down += server.download_bytes(node, rank)
             if fail is not None and fail(round_, k):
                 replies.append(ClientReply(client=k, node=node, factors=None, error="injected failure",

@@ -39,26 +39,21 @@ def _is_free(port: int) -> bool:
             return False
 
 
+def _tiny_config(tmp_path, tiny_tokenizer, **extra) -> Path:
+    write_tiny_assets(tmp_path, tiny_tokenizer)
+    values = dict(model=str(tmp_path / "model"), data=str(tmp_path / "data.jsonl"), num_clients=3, ranks=[4, 2, 1],
+                  rounds=2, local_steps=2, batch_size=4, micro_batch_size=2, cutoff=64, max_examples=0,
+                  partition="iid", test_fraction=0.1, eval_examples=0, out_dir=str(tmp_path / "out"))
+    values.update(extra)
+    import tomli_w
+    path = tmp_path / "tiny.toml"
+    path.write_text(tomli_w.dumps({"run": values}))
+    return path
+
+
 @pytest.mark.slow
 def test_deployment_survives_a_killed_supernode(tmp_path, tiny_tokenizer):
-    write_tiny_assets(tmp_path, tiny_tokenizer)
-    config = tmp_path / "tiny.toml"
-    config.write_text(f"""[run]
-model = "{tmp_path / 'model'}"
-data = "{tmp_path / 'data.jsonl'}"
-num_clients = 3
-ranks = [4, 2, 1]
-rounds = 2
-local_steps = 2
-batch_size = 4
-micro_batch_size = 2
-cutoff = 64
-max_examples = 0
-partition = "iid"
-test_fraction = 0.1
-eval_examples = 0
-out_dir = "{tmp_path / 'out'}"
-""")
+    config = _tiny_config(tmp_path, tiny_tokenizer)
     work = tmp_path / "work"
     env = dict(os.environ, FLORA_PYTHON=sys.executable, FLORA_BASE_PORT=str(_free_port_block()))
     process = subprocess.Popen(["bash", str(REPO / "scripts" / "deploy_local.sh"), "--config", str(config),
@@ -108,18 +103,6 @@ def _netns_available() -> bool:
     probe = subprocess.run(["ip", "netns", "add", "flora-test-probe"], capture_output=True)
     subprocess.run(["ip", "netns", "del", "flora-test-probe"], capture_output=True)
     return probe.returncode == 0
-
-
-def _tiny_config(tmp_path, tiny_tokenizer, **extra) -> Path:
-    write_tiny_assets(tmp_path, tiny_tokenizer)
-    values = dict(model=str(tmp_path / "model"), data=str(tmp_path / "data.jsonl"), num_clients=3, ranks=[4, 2, 1],
-                  rounds=2, local_steps=2, batch_size=4, micro_batch_size=2, cutoff=64, max_examples=0,
-                  partition="iid", test_fraction=0.1, eval_examples=0, out_dir=str(tmp_path / "out"))
-    values.update(extra)
-    import tomli_w
-    path = tmp_path / "tiny.toml"
-    path.write_text(tomli_w.dumps({"run": values}))
-    return path
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from flora.data.tokenize import IGNORE_INDEX, Example, collate
-from flora.train import target_token_losses
+from flora.train import causal_lm_parts, target_token_losses
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,6 @@ def next_token_logprobs(model: torch.nn.Module, tokenizer, contexts: Sequence[st
     One forward per context instead of one per (context, candidate): the fast path for single-token
     continuations such as MMLU's `` A`` … `` D``.
     """
-    from flora.train import causal_lm_parts
-
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
