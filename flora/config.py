@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +45,12 @@ class RunConfig:
     outlier_mad: float = 0.0  # reject updates whose norm's modified z-score (median/MAD) exceeds this (0 = off)
     broadcast: str = "private"  # private (never a client's own factors) | smallest | stacked | refactorized | dense
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies (Flower engine)
+    # client-level differential privacy (flora only; see flora/lora/dp.py)
+    dp_noise_multiplier: float = 0.0  # σ: Gaussian noise std in units of dp_clip_norm (0 = DP off)
+    dp_clip_norm: float = 0.0  # C: each client's whole-model ‖B_k A_k‖ is clipped to this (required with DP)
+    dp_delta: float = 1e-5  # δ at which ε is reported
+    dp_broadcast_rank: int = 0  # rank the noisy update is truncated to (0 = Σ of the clients' ranks)
+    dp_noise_seed: int = -1  # -1 = noise from the OS's secure random source; >= 0 = reproducible (NOT private)
     # LoRA and local training
     adapters: list[str] = field(default_factory=lambda: ["lora"])  # per client (or one for all): lora | adalora
     adalora_target_ratio: float = 0.5  # AdaLoRA: target average rank = ratio x the client's initial rank
@@ -70,6 +77,10 @@ class RunConfig:
     def num_partitions(self) -> int:
         """Training partitions (= clients): ``centralized`` pools all data into one."""
         return 1 if self.method == "centralized" else self.num_clients
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_noise_multiplier > 0
 
     def client_rank(self, client: int) -> int:
         """The (initial) LoRA rank client ``client`` trains at; ``centralized``: the largest rank."""
@@ -123,6 +134,31 @@ class RunConfig:
                 raise ConfigError(f"{key} = {getattr(self, key)}: expected a value >= 0")
         if not self.targets:
             raise ConfigError("targets: expected at least one module name (e.g. q_proj)")
+        self._validate_dp()
+
+    def _validate_dp(self) -> None:
+        if self.dp_noise_multiplier < 0 or not math.isfinite(self.dp_noise_multiplier):
+            raise ConfigError(f"dp_noise_multiplier = {self.dp_noise_multiplier}: expected a finite value >= 0 "
+                              f"(0 = differential privacy off)")
+        if self.dp_broadcast_rank < 0:
+            raise ConfigError(f"dp_broadcast_rank = {self.dp_broadcast_rank}: expected >= 0 (0 = sum of the ranks)")
+        if not self.dp_enabled:
+            return
+        if self.method != "flora":
+            raise ConfigError(f"dp_noise_multiplier = {self.dp_noise_multiplier}: differential privacy is "
+                              f"implemented for method 'flora', got {self.method!r}")
+        if not self.dp_clip_norm > 0:
+            raise ConfigError(f"dp_clip_norm = {self.dp_clip_norm}: differential privacy needs a clip norm > 0 "
+                              f"(it bounds each client's influence)")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp_delta = {self.dp_delta}: expected a value in (0, 1), e.g. 1e-5")
+        if self.weighting != "uniform":
+            raise ConfigError(f"weighting = {self.weighting!r}: with differential privacy clients are weighted "
+                              f"uniformly (1 / expected participants); set weighting = 'uniform'")
+        if self.outlier_mad:
+            raise ConfigError(f"outlier_mad = {self.outlier_mad}: outlier rejection compares clients with each "
+                              f"other, which breaks the per-client sensitivity bound of differential privacy; "
+                              f"use max_update_norm or dp_clip_norm instead")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

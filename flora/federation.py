@@ -35,6 +35,8 @@ from flora.data.partition import Partition, partition
 from flora.data.sources import load_records
 from flora.data.tokenize import Example, encode_all
 from flora.lora.aggregate import aggregate, aggregation_error
+from flora.lora.dp import DPSpec, clip_updates, noise_generator, noisy_layer_mean, poisson_sample, privacy_spent, \
+    truncate_dense
 from flora.lora.factors import Factors, InvalidUpdateError, check_update, client_weights, truncate_factors
 from flora.lora.refactor import refactorize, smallest_exact_form
 from flora.lora.robust import clip_update, mad_outliers, update_norm
@@ -358,7 +360,7 @@ class FederationServer:
         record = {"round": round_, "method": config.method, "clients_ok": len(accepted),
                   "clients_failed": len(failed), "clients_rejected": len(rejected),
                   "bytes_up": bytes_up, "bytes_down": bytes_down}
-        if len(accepted) < config.min_clients:
+        if len(accepted) < config.min_clients and not config.dp_enabled:  # DP: the noisy aggregate always goes out
             log.warning("round %d: %d accepted updates < min_clients=%d; global model unchanged",
                         round_, len(accepted), config.min_clients)
             update, error = RoundUpdate(round=round_), math.nan
@@ -368,6 +370,8 @@ class FederationServer:
         self.state.apply([update], len(self.history) - 1)
         record.update(rank_record(accepted, self.assets.layer_shapes))
         record["aggregation_error"] = error
+        if config.dp_enabled:
+            record.update(self._dp_record)
         record["broadcast_forms"] = update.forms
         record["train_loss"] = _weighted_mean([r.train_loss for r in accepted], [r.num_examples for r in accepted])
         record["test_loss"] = self.evaluate()
@@ -406,6 +410,8 @@ class FederationServer:
 
     def _aggregate(self, round_: int, accepted: Sequence[ClientReply]) -> tuple[RoundUpdate, float]:
         config = self.config
+        if config.dp_enabled:
+            return self._aggregate_private(round_, accepted)
         updates = [r.factors for r in accepted]
         weights = client_weights([r.num_examples for r in accepted], scheme=config.weighting,
                                  num_clients=len(accepted))
@@ -426,6 +432,39 @@ class FederationServer:
             if result.residual is not None:
                 update.merge = dict(result.residual)
         return update, error
+
+    def dp_spec(self) -> DPSpec:
+        config = self.config
+        return DPSpec(noise_multiplier=config.dp_noise_multiplier, clip_norm=config.dp_clip_norm,
+                      sample_rate=config.sample_fraction, num_clients=config.num_clients)
+
+    def _aggregate_private(self, round_: int, accepted: Sequence[ClientReply]) -> tuple[RoundUpdate, float]:
+        """Clipped, noised mean of the clients' ``B_k A_k`` (see ``flora/lora/dp.py``), broadcast per layer as
+        the cheaper of dense and its rank-``dp_broadcast_rank`` truncation (post-processing: no privacy cost).
+        The aggregation error is the broadcast's relative distance from the noiseless clipped mean."""
+        config, spec = self.config, self.dp_spec()
+        clipped, clip_factors = clip_updates([r.factors for r in accepted], spec.clip_norm)
+        rank = config.dp_broadcast_rank or sum(config.client_rank(k) for k in range(config.num_clients))
+        generator = noise_generator(config.dp_noise_seed, round_)
+        update = RoundUpdate(round=round_)
+        error_sq = clean_sq = worst_truncation = 0.0
+        for name in sorted(self.assets.layer_shapes):
+            clean, noisy = noisy_layer_mean(clipped, name, self.assets.layer_shapes[name], spec, generator)
+            merge, truncation_error = truncate_dense(noisy, rank)
+            form = "dense" if isinstance(merge, torch.Tensor) else "truncated"
+            update.merge[name] = merge
+            update.forms[form] = update.forms.get(form, 0) + 1
+            error_sq += float((_dense(merge) - clean).double().square().sum())
+            clean_sq += float(clean.double().square().sum())
+            worst_truncation = max(worst_truncation, truncation_error)
+        self._dp_record = {"dp_epsilon": privacy_spent(spec, round_, config.dp_delta), "dp_delta": config.dp_delta,
+                           "dp_noise_std": spec.noise_std, "dp_participants": len(accepted),
+                           "dp_clipped": sum(1 for f in clip_factors if f < 1),
+                           "dp_truncation_error": worst_truncation}
+        log.info("round %d: DP aggregate of %d clients (%d clipped), noise std %.3g, epsilon %.3g at delta %g",
+                 round_, len(accepted), self._dp_record["dp_clipped"], spec.noise_std,
+                 self._dp_record["dp_epsilon"], config.dp_delta)
+        return update, math.sqrt(error_sq / clean_sq) if clean_sq > 0 else math.nan
 
     def _broadcast_form(self, A: torch.Tensor, B: torch.Tensor) -> tuple[str, Merge]:
         form = self.config.broadcast
@@ -483,6 +522,14 @@ def rank_record(accepted: Sequence[ClientReply], shapes: Mapping[str, tuple[int,
 def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     total = sum(weights)
     return float(sum(v * w for v, w in zip(values, weights)) / total) if total else math.nan
+
+
+def round_clients(config: RunConfig, num_nodes: int, round_: int) -> list[int]:
+    """Indices (of ``num_nodes``) of the clients asked to train in ``round_``: a seeded sample of
+    ``sample_fraction``, or with differential privacy Poisson sampling at that rate (the accountant's model)."""
+    if config.dp_enabled:
+        return poisson_sample(num_nodes, config.sample_fraction, round_, config.seed)
+    return sample_clients(num_nodes, config.sample_fraction, min(config.min_clients, num_nodes), round_, config.seed)
 
 
 def sample_clients(num_clients: int, fraction: float, min_clients: int, round_: int, seed: int) -> list[int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flora.checkpoint import checkpoint_dir, load_checkpoint, record_to_json, save_round
 from flora.config import RunConfig, save_config
-from flora.federation import ClientReply, FederationClient, FederationServer, load_assets, sample_clients
+from flora.federation import ClientReply, FederationClient, FederationServer, load_assets, round_clients
 
 class ResultsWriter:
     """Creates the out dir, saves config and partition report; after every round writes the checkpoint,
@@ -85,8 +85,7 @@ def run_in_process(config: RunConfig, progress: Callable[[str], None] = print,
     for round_ in range(len(server.history) + 1, config.rounds + 1):
         started = time.perf_counter()
         replies, bytes_down = [], 0
-        for k in sample_clients(num_clients, config.sample_fraction, min(config.min_clients, num_clients),
-                                round_, config.seed):
+        for k in round_clients(config, num_clients, round_):
             node = f"node-{k}"
             first, updates = server.updates_for(node)
             rank = config.client_rank(k)

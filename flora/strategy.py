@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from flora.config import RunConfig
-from flora.federation import (ClientReply, FederationServer, RoundUpdate, sample_clients, update_from_tensors,
+from flora.federation import (ClientReply, FederationServer, RoundUpdate, round_clients, update_from_tensors,
                               update_to_tensors)
 from flora.runner import ResultsWriter, format_round
 
@@ -87,9 +87,7 @@ class FloraStrategy(FedAvg):
         node_ids = sorted(grid.get_node_ids())
         if self.config.method == "centralized":
             node_ids = node_ids[:1]  # one client holds all the training data
-        chosen = [node_ids[i] for i in sample_clients(len(node_ids), self.config.sample_fraction,
-                                                       min(self.config.min_clients, len(node_ids)),
-                                                       server_round, self.config.seed)]
+        chosen = [node_ids[i] for i in round_clients(self.config, len(node_ids), server_round)]
         messages, self._bytes_down = [], 0
         for node_id in chosen:
             node = str(node_id)
