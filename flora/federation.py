@@ -443,6 +443,7 @@ class FederationServer:
         the cheaper of dense and its rank-``dp_broadcast_rank`` truncation (post-processing: no privacy cost).
         The aggregation error is the broadcast's relative distance from the noiseless clipped mean."""
         config, spec = self.config, self.dp_spec()
+        norms = [update_norm(r.factors) for r in accepted]
         clipped, clip_factors = clip_updates([r.factors for r in accepted], spec.clip_norm)
         rank = config.dp_broadcast_rank or sum(config.client_rank(k) for k in range(config.num_clients))
         generator = noise_generator(config.dp_noise_seed, round_)
@@ -460,7 +461,8 @@ class FederationServer:
         self._dp_record = {"dp_epsilon": privacy_spent(spec, round_, config.dp_delta), "dp_delta": config.dp_delta,
                            "dp_noise_std": spec.noise_std, "dp_participants": len(accepted),
                            "dp_clipped": sum(1 for f in clip_factors if f < 1),
-                           "dp_truncation_error": worst_truncation}
+                           "dp_truncation_error": worst_truncation,
+                           "dp_update_norm_median": median(norms) if norms else math.nan}  # guides dp_clip_norm
         log.info("round %d: DP aggregate of %d clients (%d clipped), noise std %.3g, epsilon %.3g at delta %g",
                  round_, len(accepted), self._dp_record["dp_clipped"], spec.noise_std,
                  self._dp_record["dp_epsilon"], config.dp_delta)

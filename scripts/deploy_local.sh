@@ -3,13 +3,22 @@
 # rank in --node-config), `flwr run .` of the FLoRA app, then everything is stopped.
 #
 #   scripts/deploy_local.sh --config configs/quickstart.toml --ranks 16,8,4,4 [--work DIR] [--netns]
-#                           [--rounds N] [--out-dir DIR] [--resume]
+#                           [--rounds N] [--out-dir DIR] [--resume] [--tls [--certs DIR]] [--auth]
+#                           [--unregistered N]
 #
 # --ranks     one LoRA rank per SuperNode (their number is the number of SuperNodes); default: the
 #             config's num_clients nodes at the config's ranks
 # --work      where logs, pids, the Flower home (FLWR_HOME) and the state live (default: a temp dir)
 # --netns     run every SuperNode in its own network namespace joined to the SuperLink's by a veth
 #             pair (separate hosts on one machine; needs root and `ip`); falls back with a message
+# --tls       TLS on every connection: the SuperLink serves a certificate signed by a CA that the
+#             SuperNodes and `flwr` verify; made in WORK/certs by `python -m flora.deploy_keys` unless
+#             --certs DIR holds ca.crt, server.pem and server.key (valid for the SuperLink's address)
+# --auth      SuperNode authentication (implies --tls): one ECDSA key pair per SuperNode in WORK/keys,
+#             each public key registered with `flwr supernode register` before its node starts; the
+#             SuperLink refuses nodes whose key is not registered
+# --unregistered N   also start N SuperNodes whose keys were never registered (with --auth they are
+#             refused and take no part: the authentication at work)
 # Logs: WORK/logs/{superlink,supernode-K}.log; pids: WORK/pids/*.pid (tests kill nodes through them).
 # Offline: runtime dependency installation is disabled on the SuperLink and by the environment.
 set -euo pipefail
@@ -18,7 +27,7 @@ REPO="$(pwd)"
 PY="${FLORA_PYTHON:-$REPO/.venv/bin/python}"
 BIN="$(dirname "$PY")"
 
-CONFIG="" RANKS="" WORK="" NETNS=0 ROUNDS="" OUT_DIR="" RESUME=false
+CONFIG="" RANKS="" WORK="" NETNS=0 ROUNDS="" OUT_DIR="" RESUME=false TLS=0 CERTS="" AUTH=0 UNREGISTERED=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --config) CONFIG="$2"; shift 2 ;;
@@ -28,7 +37,11 @@ while [[ $# -gt 0 ]]; do
     --out-dir) OUT_DIR="$2"; shift 2 ;;
     --resume) RESUME=true; shift ;;
     --netns) NETNS=1; shift ;;
-    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    --tls) TLS=1; shift ;;
+    --certs) CERTS="$2"; TLS=1; shift 2 ;;
+    --auth) AUTH=1; TLS=1; shift ;;
+    --unregistered) UNREGISTERED="$2"; shift 2 ;;
+    -h|--help) sed -n 2,26p "$0"; exit 0 ;;
     *) echo "deploy_local.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -61,7 +74,7 @@ stop_all() {
     [[ -f "$pidfile" ]] && kill -9 "$(cat "$pidfile")" 2>/dev/null || true
   done
   if [[ $NETNS == 1 ]]; then
-    for k in $(seq 0 $((NODES - 1))); do ip netns del "flora-node$k" 2>/dev/null || true; done
+    for k in $(seq 0 $((NODES + UNREGISTERED - 1))); do ip netns del "flora-node$k" 2>/dev/null || true; done
     ip link del flora-br0 2>/dev/null || true
   fi
 }
@@ -79,6 +92,23 @@ if [[ $NETNS == 1 ]]; then
   fi
 fi
 
+# Transport security: plain (--insecure) or TLS with a CA that the nodes and the CLI verify.
+LINK_SECURITY=(--insecure) NODE_SECURITY=(--insecure) CLI_SECURITY="insecure = true"
+if [[ $TLS == 1 ]]; then
+  if [[ -z "$CERTS" ]]; then
+    CERTS="$WORK/certs"
+    "$PY" -m flora.deploy_keys tls "$CERTS" --host "$LINK_HOST" --host localhost > /dev/null
+  fi
+  CERTS="$(cd "$CERTS" && pwd)"
+  for f in ca.crt server.pem server.key; do
+    [[ -f "$CERTS/$f" ]] || { echo "deploy_local.sh: --certs $CERTS lacks $f (need ca.crt, server.pem, server.key)" >&2; exit 2; }
+  done
+  LINK_SECURITY=(--ssl-ca-certfile "$CERTS/ca.crt" --ssl-certfile "$CERTS/server.pem" --ssl-keyfile "$CERTS/server.key")
+  NODE_SECURITY=(--root-certificates "$CERTS/ca.crt")
+  CLI_SECURITY="root-certificates = \"$CERTS/ca.crt\""
+fi
+[[ $AUTH == 1 ]] && LINK_SECURITY+=(--enable-supernode-auth)
+
 # The SuperLink connection `flwr run` submits to (Flower >= 1.42 keeps it in FLWR_HOME/config.toml).
 cat > "$FLWR_HOME/config.toml" <<EOF
 [superlink]
@@ -86,18 +116,35 @@ default = "flora-deploy"
 
 [superlink.flora-deploy]
 address = "$LINK_HOST:$LINK_PORT"
-insecure = true
+$CLI_SECURITY
 EOF
 
-echo "[deploy] SuperLink on $LINK_HOST:$LINK_PORT; $NODES SuperNodes, ranks $RANKS; work dir $WORK"
-flower-superlink --insecure --disable-runtime-dependency-installation --host "$LINK_HOST" --port "$LINK_PORT" \
-  --database "$WORK/state.db" > "$WORK/logs/superlink.log" 2>&1 &
+SECURITY_NOTE="insecure"
+[[ $TLS == 1 ]] && SECURITY_NOTE="TLS, CA $CERTS/ca.crt"
+[[ $AUTH == 1 ]] && SECURITY_NOTE+=", SuperNode authentication"
+echo "[deploy] SuperLink on $LINK_HOST:$LINK_PORT ($SECURITY_NOTE); $NODES SuperNodes, ranks $RANKS; work dir $WORK"
+flower-superlink "${LINK_SECURITY[@]}" --disable-runtime-dependency-installation --host "$LINK_HOST" \
+  --port "$LINK_PORT" --database "$WORK/state.db" > "$WORK/logs/superlink.log" 2>&1 &
 echo $! > "$WORK/pids/superlink.pid"
 
-for k in $(seq 0 $((NODES - 1))); do
-  node_config="partition-id=$k num-partitions=$NODES lora-rank=${RANK_LIST[$k]}"
-  cmd=(flower-supernode --insecure --superlink "$LINK_HOST:$LINK_PORT" --port $((BASE_PORT + 10 + k))
-       --node-config "$node_config")
+if [[ $AUTH == 1 ]]; then  # register every SuperNode's public key before the node starts
+  for _ in $(seq 1 60); do  # until the SuperLink answers
+    flwr supernode list flora-deploy > /dev/null 2>&1 && break
+    sleep 1
+  done
+  for k in $(seq 0 $((NODES - 1))); do
+    "$PY" -m flora.deploy_keys node "$WORK/keys" "supernode-$k" > /dev/null
+    flwr supernode register "$WORK/keys/supernode-$k.pub" flora-deploy > "$WORK/logs/register-$k.log" 2>&1 \
+      || { echo "deploy_local.sh: registering SuperNode $k failed:" >&2; cat "$WORK/logs/register-$k.log" >&2; exit 1; }
+  done
+  echo "[deploy] registered $NODES SuperNode public keys ($WORK/keys/supernode-*.pub)"
+fi
+
+start_node() {  # start_node INDEX NODE_CONFIG NAME [extra flower-supernode arguments]
+  local k=$1 node_config=$2 name=$3
+  shift 3
+  local cmd=(flower-supernode "${NODE_SECURITY[@]}" --superlink "$LINK_HOST:$LINK_PORT" --port $((BASE_PORT + 10 + k))
+             --node-config "$node_config" "$@")
   if [[ $NETNS == 1 ]]; then
     ns="flora-node$k"
     ip netns add "$ns"
@@ -107,9 +154,24 @@ for k in $(seq 0 $((NODES - 1))); do
     ip -n "$ns" link set eth0 up && ip -n "$ns" link set lo up
     cmd=(ip netns exec "$ns" env "PATH=$PATH" "${cmd[@]}")
   fi
-  "${cmd[@]}" > "$WORK/logs/supernode-$k.log" 2>&1 &
-  echo $! > "$WORK/pids/supernode-$k.pid"
-  echo "[deploy] SuperNode $k: $node_config (pid $!)"
+  "${cmd[@]}" > "$WORK/logs/$name.log" 2>&1 &
+  echo $! > "$WORK/pids/$name.pid"
+  echo "[deploy] $name: $node_config (pid $!)"
+}
+
+for k in $(seq 0 $((NODES - 1))); do
+  key=()
+  [[ $AUTH == 1 ]] && key=(--auth-supernode-private-key "$WORK/keys/supernode-$k")
+  start_node "$k" "partition-id=$k num-partitions=$NODES lora-rank=${RANK_LIST[$k]}" "supernode-$k" "${key[@]}"
+done
+for j in $(seq 1 "$UNREGISTERED"); do  # node 0's partition: were it let in, it would take part
+  k=$((NODES + j - 1))
+  key=()
+  if [[ $AUTH == 1 ]]; then
+    "$PY" -m flora.deploy_keys node "$WORK/keys-unregistered" "rogue-$j" > /dev/null
+    key=(--auth-supernode-private-key "$WORK/keys-unregistered/rogue-$j")
+  fi
+  start_node "$k" "partition-id=0 num-partitions=$NODES lora-rank=${RANK_LIST[0]}" "unregistered-$j" "${key[@]}"
 done
 
 run_config="config-file='$CONFIG' resume=$RESUME"

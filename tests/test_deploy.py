@@ -138,3 +138,55 @@ def test_flwr_run_simulation_offline(tmp_path, tiny_tokenizer):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["clients_ok"], m["clients_failed"]) for m in metrics] == [(3, 0), (3, 0)]
+
+
+@pytest.mark.slow
+def test_deployment_over_tls_with_supernode_authentication(tmp_path, tiny_tokenizer):
+    """TLS with a CA made by the test, SuperNode keys registered by the script, and one SuperNode whose
+    key was never registered: the run completes with the registered nodes only, over TLS."""
+    from flora.deploy_keys import write_tls
+
+    config = _tiny_config(tmp_path, tiny_tokenizer)
+    certs = write_tls(tmp_path / "certs", ["127.0.0.1", "localhost"])
+    work = tmp_path / "work"
+    env = dict(os.environ, FLORA_PYTHON=sys.executable, FLORA_BASE_PORT=str(_free_port_block()))
+    done = subprocess.run(["bash", str(REPO / "scripts" / "deploy_local.sh"), "--config", str(config),
+                           "--certs", str(certs["ca.crt"].parent), "--auth", "--unregistered", "1",
+                           "--work", str(work)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    output = done.stdout[-3000:] + done.stderr[-2000:]
+    assert done.returncode == 0, output
+    assert "TLS, CA" in done.stdout and "SuperNode authentication" in done.stdout, output
+    assert "registered 3 SuperNode public keys" in done.stdout, output
+    metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["clients_ok"], m["clients_failed"]) for m in metrics] == [(3, 0), (3, 0)]
+    flwr_home = (work / "flwr-home" / "config.toml").read_text()
+    assert "insecure" not in flwr_home and str(certs["ca.crt"]) in flwr_home
+    rogue_log = (work / "logs" / "unregistered-1.log").read_text()
+    assert "Failed to activate SuperNode" in rogue_log, rogue_log[-2000:]  # refused: its key is not registered
+    assert all("SuperNode ID:" in (work / "logs" / f"supernode-{k}.log").read_text() for k in range(3))
+
+
+def test_deploy_keys_make_a_verifiable_chain_and_flower_readable_node_keys(tmp_path):
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from flora.deploy_keys import write_node_key, write_tls
+
+    paths = write_tls(tmp_path / "tls", ["127.0.0.1", "10.77.0.1", "localhost"])
+    ca = x509.load_pem_x509_certificate(paths["ca.crt"].read_bytes())
+    server = x509.load_pem_x509_certificate(paths["server.pem"].read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the signature or issuer is wrong
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1"),
+                                                         ipaddress.ip_address("10.77.0.1")]
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert oct(paths["server.key"].stat().st_mode & 0o777) == "0o600"
+    before = paths["ca.crt"].read_bytes()
+    assert write_tls(tmp_path / "tls", ["127.0.0.1"])["ca.crt"].read_bytes() == before  # kept, not replaced
+    private, public = write_node_key(tmp_path / "keys", "supernode-0")
+    key = load_ssh_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
