@@ -30,7 +30,7 @@ from statistics import median
 
 import torch
 
-from flora.config import RunConfig
+from flora.config import ConfigError, RunConfig
 from flora.data.partition import Partition, partition
 from flora.data.sources import load_records
 from flora.data.tokenize import Example, encode_all
@@ -189,9 +189,23 @@ def load_assets(config: RunConfig) -> Assets:
         split = partition(records, num_clients, scheme=config.partition if num_clients > 1 else "iid",
                           alpha=config.dirichlet_alpha, seed=config.seed, test_fraction=config.test_fraction,
                           max_examples=config.max_examples or None)
+        shapes = layer_shapes(loaded.model, config.targets)
+        check_ranks_fit(config, shapes)
         _ASSETS[key] = Assets(model=loaded.model, tokenizer=loaded.tokenizer, partition=split, records=records,
-                              layer_shapes=layer_shapes(loaded.model, config.targets))
+                              layer_shapes=shapes)
     return _ASSETS[key]
+
+
+def check_ranks_fit(config: RunConfig, shapes: Mapping[str, tuple[int, int]]) -> None:
+    """:class:`ConfigError` if a client's rank exceeds ``min(out, in)`` of a target layer (no such LoRA
+    adds anything a smaller rank could not, and every update would be rejected)."""
+    if not shapes:
+        return
+    name, shape = min(shapes.items(), key=lambda item: min(item[1]))
+    largest = max(config.client_rank(k) for k in range(config.num_partitions))
+    if largest > min(shape):
+        raise ConfigError(f"ranks = {config.ranks}: rank {largest} exceeds min(out, in) = {min(shape)} of target "
+                          f"layer {name} {tuple(shape)}; expected ranks <= {min(shape)} for this model and targets")
 
 
 def clear_assets() -> None:

@@ -53,12 +53,12 @@ def start_run(config: RunConfig, resume: bool = False, progress: Callable[[str],
               ) -> tuple[FederationServer, ResultsWriter]:
     """Server and results writer for a new run, or for one resumed from ``OUT/checkpoint``."""
     checkpoint = load_checkpoint(config.out_dir, config) if resume else None
+    server = server_for(config)  # model, data and partition first: bad input fails before anything is replaced
     stale = checkpoint_dir(config.out_dir)
     if not resume and stale.exists():  # a fresh run must not leave another run's rounds to be resumed
         progress(f"[flora] {config.out_dir} holds an earlier run's checkpoint: starting fresh "
                  f"(use --resume to continue it instead)")
         shutil.rmtree(stale)
-    server = server_for(config)
     if checkpoint is not None:
         server.restore(checkpoint.updates, checkpoint.metrics)
     writer = ResultsWriter(config, server.assets.partition.report(), server.metrics)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flora.data.formats import DataError
-from flora.eval.loglik import next_token_logprobs, score_continuations
+from flora.eval.loglik import next_token_logprobs, score_continuations, score_shared_contexts
 from flora.eval.mmlu import (Question, cloze_requests, evaluate_mmlu, letter_requests, load_mmlu, predict,
                              stratified_subset, wilson_interval)
 
@@ -35,6 +35,29 @@ def test_continuation_scores_match_hand_computed_loglikelihoods(tiny_model, tiny
         expected = reference_logprob(tiny_model, tiny_tokenizer, context, continuation)
         assert result.logprob == pytest.approx(expected, rel=1e-5)
         assert result.num_tokens == len(tiny_tokenizer(continuation, add_special_tokens=False)["input_ids"])
+
+
+def test_shared_context_scores_equal_separate_scoring_and_reference(tiny_model, tiny_tokenizer):
+    groups = [("Explain recursion?", [" A function that calls itself", " red", " x"]),
+              ("List three colors:", [" red, green and blue", " one"])]
+    shared = score_shared_contexts(tiny_model, tiny_tokenizer, groups)
+    for (context, continuations), row in zip(groups, shared):
+        separate = score_continuations(tiny_model, tiny_tokenizer, [(context, c) for c in continuations], batch_size=2)
+        for continuation, got, want in zip(continuations, row, separate):
+            assert got.logprob == pytest.approx(want.logprob, rel=1e-5, abs=1e-5)
+            assert got.num_tokens == want.num_tokens
+            assert got.logprob == pytest.approx(reference_logprob(tiny_model, tiny_tokenizer, context, continuation),
+                                                rel=1e-5, abs=1e-5)
+    # a context longer than max_length is cut from the left: the same as scoring the kept tail alone
+    ids = tiny_tokenizer("The quick brown fox jumps over the lazy dog. " * 20, add_special_tokens=False)["input_ids"]
+    red = tiny_tokenizer(" red", add_special_tokens=False)["input_ids"]
+    longest = max(len(red), len(tiny_tokenizer(" blue", add_special_tokens=False)["input_ids"]))
+    long_context = tiny_tokenizer.decode(ids)
+    cut = score_shared_contexts(tiny_model, tiny_tokenizer, [(long_context, [" red", " blue"])], max_length=40)[0]
+    tail = tiny_tokenizer.decode(ids[-(40 - longest):])
+    if tiny_tokenizer(tail, add_special_tokens=False)["input_ids"] == ids[-(40 - longest):]:
+        assert cut[0].logprob == pytest.approx(reference_logprob(tiny_model, tiny_tokenizer, tail, " red"), rel=1e-5)
+    assert math.isfinite(cut[0].logprob) and cut[0].num_tokens == len(red)
 
 
 def test_next_token_logprobs_match_full_forward(tiny_model, tiny_tokenizer):

@@ -72,14 +72,26 @@ def json_lines(path: Path, label: str):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{label} {path}: not found")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{label} {path}: line {number}: invalid JSON ({exc.msg})") from None
+    for number, line in enumerate(read_text(path, label).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{label} {path}: line {number}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{label} {path}: line {number}: JSON nested too deeply") from None
+
+
+def read_text(path: Path, label: str) -> str:
+    """The file as UTF-8 text; :class:`DataError` naming the file and the offending byte otherwise."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"{label} {path}: line {line}: not UTF-8 text (byte {data[exc.start]:#04x} at offset "
+                        f"{exc.start}); expected a UTF-8 JSON/JSONL file") from None
 
 
 def read_rows(path: Path, allow_truncated: bool = False) -> tuple[list, int]:
@@ -92,7 +104,7 @@ def read_rows(path: Path, allow_truncated: bool = False) -> tuple[list, int]:
         raise DataError(f"data {path}: no such file or directory")
     if path.is_dir():
         return _read_datasets_dir(path), 0
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "data")
     if not text.strip():
         raise DataError(f"data {path}: the file is empty")
     if path.suffix.lower() == ".jsonl" or (not text.lstrip().startswith("[") and path.suffix.lower() != ".json"):
@@ -104,9 +116,13 @@ def read_rows(path: Path, allow_truncated: bool = False) -> tuple[list, int]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise DataError(f"data {path}: line {number}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+            except RecursionError:
+                raise DataError(f"data {path}: line {number}: JSON nested too deeply") from None
         return rows, 0
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise DataError(f"data {path}: JSON nested too deeply (expected an array of flat rows)") from None
     except json.JSONDecodeError as exc:
         if allow_truncated and text.lstrip().startswith("["):
             return recover_json_array(text, str(path))

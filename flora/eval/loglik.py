@@ -57,6 +57,59 @@ def score_continuations(model: torch.nn.Module, tokenizer, requests: Sequence[tu
 
 
 @torch.no_grad()
+def score_shared_contexts(model: torch.nn.Module, tokenizer, groups: Sequence[tuple[str, Sequence[str]]],
+                          max_length: int = 1024, progress: Callable[[int], None] | None = None
+                          ) -> list[list[Scored]]:
+    """``[(context, [continuation, ...])]`` → log-likelihood of every continuation, the context run once.
+
+    Same numbers as :func:`score_continuations` on the ``(context, continuation)`` pairs (tokenised the
+    same way), at about the cost of one forward per context: the context's key/value cache is copied
+    to each continuation (MMLU cloze: 4 answers after one question). The context is cut from the left
+    so that it and the longest continuation fit ``max_length``.
+    """
+    was_training = model.training
+    model.eval()
+    decoder, head = causal_lm_parts(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results: list[list[Scored]] = []
+    try:
+        for context, continuations in groups:
+            cont_ids = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in continuations]
+            if not all(cont_ids):
+                raise ValueError(f"empty continuation after tokenisation in {list(continuations)!r}")
+            longest = max(len(ids) for ids in cont_ids)
+            ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"][-max(max_length - longest, 1):]
+            ctx = decoder(input_ids=torch.tensor([ctx_ids]), use_cache=True)
+            cache = ctx.cache
+            cache.batch_repeat_interleave(len(cont_ids))
+            n, length = len(cont_ids), len(ctx_ids)
+            batch = torch.full((n, longest), pad_id, dtype=torch.long)
+            mask = torch.zeros(n, length + longest, dtype=torch.long)
+            mask[:, :length] = 1
+            for j, ids in enumerate(cont_ids):
+                batch[j, :len(ids)] = torch.tensor(ids)
+                mask[j, length:length + len(ids)] = 1
+            positions = torch.arange(length, length + longest).expand(n, -1)
+            hidden = decoder(input_ids=batch, attention_mask=mask, cache=cache,
+                             position_ids=positions).last_hidden_state  # (n, longest, h)
+            # token t of a continuation is predicted by the context's last state (t = 0) or by token t - 1
+            first = torch.log_softmax(head(ctx.last_hidden_state[0, -1]).float(), dim=-1)  # (V,)
+            later = torch.log_softmax(head(hidden[:, :-1]).float(), dim=-1) if longest > 1 else None
+            scored = []
+            for j, ids in enumerate(cont_ids):
+                total = float(first[ids[0]])
+                if len(ids) > 1:
+                    total += float(later[j, torch.arange(len(ids) - 1), torch.tensor(ids[1:])].double().sum())
+                scored.append(Scored(logprob=total, num_tokens=len(ids)))
+            results.append(scored)
+            if progress is not None:
+                progress(n)
+    finally:
+        model.train(was_training)
+    return results
+
+
+@torch.no_grad()
 def next_token_logprobs(model: torch.nn.Module, tokenizer, contexts: Sequence[str], candidates: Sequence[int],
                         batch_size: int = 16, max_length: int = 1024,
                         progress: Callable[[int], None] | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ import numpy as np
 
 from flora.data.formats import DataError
 from flora.data.sources import json_lines
-from flora.eval.loglik import Scored, next_token_logprobs, score_continuations
+from flora.eval.loglik import Scored, next_token_logprobs, score_shared_contexts
 
 LETTERS = "ABCD"
 SCORINGS = ("cloze", "letter")
@@ -197,9 +197,10 @@ def evaluate_mmlu(model, tokenizer, questions: Sequence[Question], scoring: str 
         table = next_token_logprobs(model, tokenizer, [requests[s][0] for s, _ in spans], [i[0] for i in letter_ids],
                                     batch_size=batch_size, max_length=max_length, progress=progress)
         scored = [Scored(float(v), 1) for row in table for v in row]
-    else:
-        scored = score_continuations(model, tokenizer, requests, batch_size=batch_size, max_length=max_length,
-                                     progress=progress)
+    else:  # the choices of a question share its context: run it once (see score_shared_contexts)
+        groups = [(requests[start][0], [c for _, c in requests[start:start + count]]) for start, count in spans]
+        scored = [x for row in score_shared_contexts(model, tokenizer, groups, max_length=max_length,
+                                                     progress=progress) for x in row]
     tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for q, (start, count) in zip(questions, spans):
         choice = predict(scored[start:start + count], [c for _, c in requests[start:start + count]], scoring)
