@@ -189,10 +189,9 @@ def load_assets(config: RunConfig) -> Assets:
         split = partition(records, num_clients, scheme=config.partition if num_clients > 1 else "iid",
                           alpha=config.dirichlet_alpha, seed=config.seed, test_fraction=config.test_fraction,
                           max_examples=config.max_examples or None)
-        shapes = layer_shapes(loaded.model, config.targets)
-        check_ranks_fit(config, shapes)
         _ASSETS[key] = Assets(model=loaded.model, tokenizer=loaded.tokenizer, partition=split, records=records,
-                              layer_shapes=shapes)
+                              layer_shapes=layer_shapes(loaded.model, config.targets))
+    check_ranks_fit(config, _ASSETS[key].layer_shapes)  # ranks are not part of the cache key
     return _ASSETS[key]
 
 
