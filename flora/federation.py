@@ -353,6 +353,7 @@ class FederationServer:
     def aggregate_round(self, round_: int, replies: Sequence[ClientReply], bytes_down: int,
                         started: float) -> dict:
         config = self.config
+        aggregation_started = time.perf_counter()
         accepted, failed, rejected = [], [], []
         for reply in replies:
             self.node_applied[reply.node] = reply.applied
@@ -387,12 +388,17 @@ class FederationServer:
             record.update(self._dp_record)
         record["broadcast_forms"] = update.forms
         record["train_loss"] = _weighted_mean([r.train_loss for r in accepted], [r.num_examples for r in accepted])
+        record["aggregate_seconds"] = time.perf_counter() - aggregation_started  # validation + aggregation + broadcast
+        record["train_tokens"] = sum(r.tokens for r in accepted)
+        record["train_seconds"] = sum(r.seconds for r in accepted)  # summed over clients (they may overlap)
+        evaluation_started = time.perf_counter()
         record["test_loss"] = self.evaluate()
         record["test_ppl"] = math.exp(record["test_loss"]) if math.isfinite(record["test_loss"]) else math.nan
         client_losses = self.evaluate_clients()
         record["client_test_loss"] = [None if math.isnan(x) else x for x in client_losses]
         finite = [x for x in client_losses if math.isfinite(x)]
         record["client_test_loss_mean"] = sum(finite) / len(finite) if finite else math.nan
+        record["eval_seconds"] = time.perf_counter() - evaluation_started
         record["seconds"] = time.perf_counter() - started
         self.metrics.append(record)
         return record

@@ -71,6 +71,26 @@ def sample_records(n: int = 24):
     return records
 
 
+@pytest.fixture(scope="module")
+def assets_dir(tmp_path_factory, tiny_tokenizer):
+    """A directory with the tiny model and data of :func:`write_tiny_assets` (one per test module)."""
+    root = tmp_path_factory.mktemp("assets")
+    write_tiny_assets(root, tiny_tokenizer)
+    return root
+
+
+@pytest.fixture
+def fresh_assets():
+    """Empty the per-process model/data cache and the clients' global states around a test."""
+    from flora.federation import FederationClient, clear_assets
+
+    clear_assets()
+    FederationClient._states.clear()
+    yield
+    clear_assets()
+    FederationClient._states.clear()
+
+
 @pytest.fixture
 def records():
     return sample_records()

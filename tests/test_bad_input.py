@@ -26,16 +26,10 @@ from flora.data.sources import convert_rows, load_records, recover_json_array
 from flora.eval.mmlu import load_mmlu
 from flora.federation import FederationClient, clear_assets
 from flora.runner import server_for
-from test_federation import assets_dir, tiny_config  # noqa: F401  (module fixture)
+from test_federation import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def fresh_assets():
-    clear_assets()
-    FederationClient._states.clear()
-    yield
-    clear_assets()
-    FederationClient._states.clear()
+pytestmark = pytest.mark.usefixtures("fresh_assets")  # conftest: every test starts from the base weights
 
 
 def _snapshot(directory: Path) -> dict[str, str]:
@@ -44,7 +38,7 @@ def _snapshot(directory: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(assets_dir, tmp_path_factory):  # noqa: F811
+def finished_run(assets_dir, tmp_path_factory):
     """A config file and an out dir holding one finished round (metrics, checkpoint)."""
     root = tmp_path_factory.mktemp("finished")
     values = dict(model=str(assets_dir / "model"), data=str(assets_dir / "data.jsonl"), num_clients=3,
@@ -163,7 +157,7 @@ def _corrupt(factors: dict, kind: str) -> None:
     ("rank above the layer", "rank 40 exceeds"), ("missing layer", "layer set differs"),
     ("huge norm", "exceeds the bound"),
 ])
-def test_bad_update_is_rejected_logged_and_round_goes_on(assets_dir, tmp_path, caplog, kind, expected):  # noqa: F811
+def test_bad_update_is_rejected_logged_and_round_goes_on(assets_dir, tmp_path, caplog, kind, expected):
     config = tiny_config(assets_dir, tmp_path, rounds=1, max_update_norm=50.0)
     server = server_for(config)
     client = FederationClient(config)

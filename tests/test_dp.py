@@ -13,7 +13,9 @@ from flora.lora.dp import (DPSpec, clip_updates, noise_generator, noisy_layer_me
                            truncate_dense)
 from flora.lora.robust import update_norm
 from flora.runner import run_in_process
-from test_federation import assets_dir, tiny_config  # noqa: F401  (module fixture)
+from test_federation import tiny_config
+
+pytestmark = pytest.mark.usefixtures("fresh_assets")  # conftest: every test starts from the base weights
 
 
 def _update(seed: int, shapes: dict[str, tuple[int, int]], rank: int, scale: float = 1.0) -> dict:
@@ -102,23 +104,16 @@ def test_accountant_grows_with_rounds_and_shrinks_with_noise_and_sampling():
 
 # --- federated runs on the tiny model ------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def fresh_assets():
-    clear_assets()
-    FederationClient._states.clear()
-    yield
-    clear_assets()
-    FederationClient._states.clear()
 
 
-def _run(assets_dir, tmp_path, name, **overrides):  # noqa: F811
+def _run(assets_dir, tmp_path, name, **overrides):
     config = tiny_config(assets_dir, tmp_path, out_dir=str(tmp_path / name), weighting="uniform", **overrides)
     clear_assets()
     FederationClient._states.clear()
     return run_in_process(config, progress=lambda _: None)
 
 
-def test_vanishing_noise_equals_non_private_flora(assets_dir, tmp_path):  # noqa: F811
+def test_vanishing_noise_equals_non_private_flora(assets_dir, tmp_path):
     """σ → 0 with a loose clip and q = 1: the DP path (dense sum, truncation to Σ r_k) is FLoRA's exact sum."""
     plain = _run(assets_dir, tmp_path, "plain")
     private = _run(assets_dir, tmp_path, "dp", dp_noise_multiplier=1e-12, dp_clip_norm=1e3, dp_noise_seed=0)
@@ -128,7 +123,7 @@ def test_vanishing_noise_equals_non_private_flora(assets_dir, tmp_path):  # noqa
     assert private[0]["broadcast_forms"] == {"truncated": 14}  # 7 targets x 2 layers, Σ r_k = 7 < dense
 
 
-def test_private_run_reports_epsilon_and_is_reproducible_with_a_seed(assets_dir, tmp_path):  # noqa: F811
+def test_private_run_reports_epsilon_and_is_reproducible_with_a_seed(assets_dir, tmp_path):
     options = dict(dp_noise_multiplier=0.8, dp_clip_norm=0.05, dp_noise_seed=3, rounds=3)
     first = _run(assets_dir, tmp_path, "a", **options)
     again = _run(assets_dir, tmp_path, "b", **options)
@@ -141,7 +136,7 @@ def test_private_run_reports_epsilon_and_is_reproducible_with_a_seed(assets_dir,
     assert all(m["dp_clipped"] == 3 for m in first)  # a tight bound clips every client
 
 
-def test_private_run_with_poisson_sampling_survives_empty_rounds(assets_dir, tmp_path):  # noqa: F811
+def test_private_run_with_poisson_sampling_survives_empty_rounds(assets_dir, tmp_path):
     metrics = _run(assets_dir, tmp_path, "poisson", dp_noise_multiplier=1.0, dp_clip_norm=0.1, dp_noise_seed=0,
                    sample_fraction=0.3, rounds=4, seed=1)
     participants = [m["dp_participants"] for m in metrics]
@@ -158,6 +153,6 @@ def test_private_run_with_poisson_sampling_survives_empty_rounds(assets_dir, tmp
     (dict(dp_noise_multiplier=1.0, dp_clip_norm=1.0, weighting="uniform", dp_delta=1.5), "dp_delta = 1.5"),
     (dict(dp_noise_multiplier=-1.0), "dp_noise_multiplier = -1.0"),
 ])
-def test_dp_config_errors_name_the_key(assets_dir, tmp_path, overrides, message):  # noqa: F811
+def test_dp_config_errors_name_the_key(assets_dir, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         tiny_config(assets_dir, tmp_path, **overrides)

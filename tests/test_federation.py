@@ -8,17 +8,9 @@ import math
 import pytest
 import torch
 
-from conftest import write_tiny_assets
 from flora.config import ConfigError, RunConfig, load_config
 from flora.federation import FederationClient, clear_assets
 from flora.runner import run_in_process, server_for
-
-
-@pytest.fixture(scope="module")
-def assets_dir(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("assets")
-    write_tiny_assets(root, tiny_tokenizer)
-    return root
 
 
 def tiny_config(assets_dir, tmp_path, **overrides) -> RunConfig:
@@ -30,13 +22,7 @@ def tiny_config(assets_dir, tmp_path, **overrides) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
-@pytest.fixture(autouse=True)
-def fresh_assets():
-    clear_assets()
-    FederationClient._states.clear()
-    yield
-    clear_assets()
-    FederationClient._states.clear()
+pytestmark = pytest.mark.usefixtures("fresh_assets")  # conftest: every test starts from the base weights
 
 
 @pytest.mark.parametrize("method, ranks", [

@@ -1,0 +1,167 @@
+"""Where a federated round's time goes: the same short real FLoRA run (embedded SmolLM2-135M-Instruct
+and ShareGPT) with the in-process engine and with the Flower simulation engine, in one run.
+
+    python benchmarks/bench_round.py [--clients 4] [--rounds 3] [--profile]
+
+Per round from round 2 on (round 1 carries start-up: Ray, model loads in the ClientApp processes):
+* Flower engine overhead = (Flower round seconds − in-process round seconds) / Flower round seconds
+  (both engines do the same computation: same seeds, same losses);
+* aggregation + broadcast share = ``aggregate_seconds / seconds`` (validation, stacking, the private
+  re-factorisation) and evaluation share;
+* training tokens/s and an estimate of achieved FLOP/s: 4 · Σ(out · in) of the adapted projections per
+  token (forward 2N, backward to the activations 2N; frozen weights get no gradient; attention, the
+  output head and the adapters are left out, so this is a lower bound), against the CPU's nominal fp32
+  peak (cores × FMA lanes × 2 × clock, from lscpu/cpuinfo);
+* ``--profile``: pyinstrument's heaviest frames of one in-process round.
+Writes benchmarks/results/round.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+
+from flora.config import RunConfig
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_peak_flops() -> tuple[float, str]:
+    """Nominal fp32 peak: cores × FLOP/cycle (2 FMA pipes × lanes × 2) × clock."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = set(re.search(r"^flags\s*:(.*)$", info, re.M).group(1).split()) if "flags" in info else set()
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M)
+    clock = float(mhz.group(1)) * 1e6 if mhz else 2.0e9
+    cores = torch.get_num_threads()
+    name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    return cores * 2 * lanes * 2 * clock, (f"{name.group(1) if name else 'CPU'}, {cores} threads, "
+                                          f"{'AVX-512' if lanes == 16 else 'AVX2' if lanes == 8 else 'SSE'} FMA, "
+                                          f"{clock / 1e9:.2f} GHz")
+
+
+def run(config: RunConfig, engine: str) -> tuple[list[dict], float]:
+    from flora.federation import FederationClient, clear_assets
+
+    started = time.perf_counter()
+    if engine == "local":
+        from flora.runner import run_in_process
+        metrics = run_in_process(config, progress=lambda _: None)
+    else:
+        from flora.cli import run_flower_simulation
+        from flora.report import read_metrics
+        run_flower_simulation(config, progress=lambda _: None)
+        metrics = read_metrics(Path(config.out_dir))
+    wall = time.perf_counter() - started
+    clear_assets()
+    FederationClient._states.clear()
+    return metrics, wall
+
+
+def profile_round(config: RunConfig) -> list[dict]:
+    """pyinstrument over one in-process round: the frames with the most own time (top 12)."""
+    from pyinstrument import Profiler
+
+    from flora.federation import FederationClient, clear_assets
+    from flora.runner import run_in_process
+
+    profiler = Profiler(interval=0.005)
+    profiler.start()
+    run_in_process(RunConfig(**{**config.to_dict(), "rounds": 1, "out_dir": config.out_dir + "-profile"}),
+                   progress=lambda _: None)
+    profiler.stop()
+    clear_assets()
+    FederationClient._states.clear()
+    totals: dict[str, float] = {}
+
+    def walk(frame) -> None:
+        if frame is None:
+            return
+        key = f"{frame.function} ({Path(frame.file_path or '?').name}:{frame.line_no})"
+        own = frame.time - sum(child.time for child in frame.children)
+        totals[key] = totals.get(key, 0.0) + own
+        for child in frame.children:
+            walk(child)
+
+    session = profiler.last_session
+    walk(profiler.last_session.root_frame())
+    top = sorted(totals.items(), key=lambda item: -item[1])[:12]
+    return [{"frame": key, "seconds": seconds, "share": seconds / session.duration} for key, seconds in top]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", default="runs/bench-round")
+    args = parser.parse_args()
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    ranks = [16, 8, 4, 4][:args.clients] if args.clients <= 4 else [16] * args.clients
+    base = dict(model="embedded", data="embedded", num_clients=args.clients, ranks=ranks, rounds=args.rounds,
+                local_steps=2, batch_size=4, micro_batch_size=4, cutoff=128, max_examples=600, eval_examples=16,
+                client_eval_examples=0, lr=5e-4)
+    results = {}
+    for engine in ("local", "flower"):
+        config = RunConfig(**base, out_dir=f"{args.out}/{engine}")
+        metrics, wall = run(config, engine)
+        results[engine] = {"wall_seconds": wall, "rounds": [
+            {k: m[k] for k in ("round", "seconds", "aggregate_seconds", "eval_seconds", "train_seconds", "train_tokens",
+                               "test_loss")} for m in metrics]}
+        print(f"{engine}: wall {wall:.1f} s, round seconds {[round(m['seconds'], 1) for m in metrics]}", flush=True)
+    later = lambda engine, key: [r[key] for r in results[engine]["rounds"][1:]]  # noqa: E731
+    local_s, flower_s = median(later("local", "seconds")), median(later("flower", "seconds"))
+    from flora.models.loader import load_model
+    from flora.train import layer_shapes
+    loaded = load_model("embedded")
+    linear_params = sum(o * i for o, i in layer_shapes(loaded.model, RunConfig().targets).values())
+    tokens_per_s = sum(later("local", "train_tokens")) / sum(later("local", "train_seconds"))
+    achieved = 4 * linear_params * tokens_per_s
+    peak, cpu = cpu_peak_flops()
+    summary = {
+        "clients": args.clients, "ranks": ranks, "rounds": args.rounds, "threads": torch.get_num_threads(), "cpu": cpu,
+        "engines": results,
+        "median_round_seconds": {"local": local_s, "flower": flower_s},
+        "flower_overhead_share": (flower_s - local_s) / flower_s,
+        "aggregation_broadcast_share": median(a / s for a, s in zip(later("local", "aggregate_seconds"),
+                                                                    later("local", "seconds"))),
+        "evaluation_share": median(e / s for e, s in zip(later("local", "eval_seconds"), later("local", "seconds"))),
+        "same_losses": [round(r["test_loss"], 4) for r in results["local"]["rounds"]] ==
+                       [round(r["test_loss"], 4) for r in results["flower"]["rounds"]],
+        "train_tokens_per_s": tokens_per_s, "adapted_linear_params": linear_params,
+        "achieved_flops_lower_bound": achieved, "peak_flops_nominal": peak, "peak_share": achieved / peak,
+    }
+    if args.profile:
+        summary["profile_top_frames"] = profile_round(RunConfig(**base, out_dir=f"{args.out}/local"))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "round.json").write_text(json.dumps(summary, indent=2))
+    lines = [f"Short real FLoRA run: {args.clients} clients (ranks {ranks}), {args.rounds} rounds × 2 local steps × 4 "
+             f"examples (cutoff 128); {cpu}. Rounds ≥ 2, medians.\n",
+             "| quantity | value |", "|---|---:|",
+             f"| round, in-process engine | {local_s:.1f} s |", f"| round, Flower simulation engine | {flower_s:.1f} s |",
+             f"| Flower engine overhead (share of its round) | {summary['flower_overhead_share']:.1%} |",
+             f"| aggregation + broadcast (share of round) | {summary['aggregation_broadcast_share']:.2%} |",
+             f"| evaluation (share of round) | {summary['evaluation_share']:.1%} |",
+             f"| same test losses, both engines (4 decimals) | {summary['same_losses']} |",
+             f"| training tokens/s | {tokens_per_s:.0f} |",
+             f"| achieved FLOP/s (lower bound, 4·N per token) | {achieved / 1e9:.1f} G |",
+             f"| nominal fp32 peak | {peak / 1e9:.0f} G ({summary['peak_share']:.0%} reached) |",
+             f"| wall, in-process / Flower (incl. start-up) | {results['local']['wall_seconds']:.0f} s / "
+             f"{results['flower']['wall_seconds']:.0f} s |"]
+    if args.profile:
+        lines += ["", "pyinstrument, one in-process round, frames by own time:", "",
+                  "| frame | s | share |", "|---|---:|---:|"]
+        lines += [f"| `{f['frame']}` | {f['seconds']:.1f} | {f['share']:.1%} |" for f in summary["profile_top_frames"]]
+    (RESULTS / "round.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The paper's comparisons at SmolLM2-135M scale (issue 7), with this system's own run code.
+
+    python benchmarks/reproduce.py --profile quick          # ~15 min on 2 cores, 1 seed, no MMLU
+    python benchmarks/reproduce.py --profile full           # ~2 h: + 3 seeds of the key pairs, ablation,
+                                                            #   IID control, MMLU cloze (1,000 questions)
+    python benchmarks/reproduce.py --profile full --report  # tables + plot from what has finished
+
+Embedded SmolLM2-135M-Instruct and ShareGPT, 10 clients, Dirichlet(0.5) partition; every method gets
+the same token budget (rounds × clients × local steps × batch; ``centralized`` trains one model for
+clients × local steps per round). Runs:
+
+* homogeneous, every client rank 16: flora, fedit, ffa, fedex, flexlora, centralized, standalone;
+* heterogeneous, ranks 64,32,16,16,8,8,4,4,4,4: flora, zeropad, flexlora, centralized (rank 64),
+  standalone (each client at its rank; loss = mean over the clients' own models);
+* ``full`` only: seeds 1 and 2 of the key pairs (flora vs fedit homogeneous, flora vs zeropad
+  heterogeneous), p_k uniform instead of by data size (flora heterogeneous), and an IID partition of
+  the key pairs' FLoRA runs against their Dirichlet ones.
+
+Each finished run's summary (per-round metrics, wall time, MMLU) is written to
+``benchmarks/results/reproduce-PROFILE/NAME.json``: a run with a summary is not run again, so a profile
+can be finished over several sessions. The heavy run directories (checkpoints) go under ``--out``.
+``--report`` (also done after the runs) writes ``benchmarks/results/reproduce_PROFILE.{json,md}`` and
+``docs/reproduce_PROFILE_loss.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from statistics import mean, stdev
+
+from flora.config import RunConfig
+
+RESULTS = Path(__file__).parent / "results"
+DOCS = Path(__file__).parents[1] / "docs"
+HETEROGENEOUS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
+HOMOGENEOUS_METHODS = ["flora", "fedit", "ffa", "fedex", "flexlora", "centralized", "standalone"]
+HETEROGENEOUS_METHODS = ["flora", "zeropad", "flexlora", "centralized", "standalone"]
+KEY_PAIRS = {"homogeneous": ("flora", "fedit"), "heterogeneous": ("flora", "zeropad")}
+
+PROFILES = {
+    "quick": dict(settings=dict(rounds=2, local_steps=1, batch_size=4, micro_batch_size=4, cutoff=128,
+                                max_examples=1000, eval_examples=32, client_eval_examples=4),
+                  seeds=[0], extras=False, mmlu=0),
+    "full": dict(settings=dict(rounds=3, local_steps=2, batch_size=4, micro_batch_size=4, cutoff=128,
+                               max_examples=2000, eval_examples=48, client_eval_examples=4),
+                 seeds=[0, 1, 2], extras=True, mmlu=1000),
+}
+
+
+def base_config(profile: str, out: Path) -> RunConfig:
+    return RunConfig(model="embedded", data="embedded", num_clients=10, ranks=[16], lr=5e-4, partition="dirichlet",
+                     dirichlet_alpha=0.5, out_dir=str(out), **PROFILES[profile]["settings"])
+
+
+def plan(profile: str, out: Path) -> list[tuple[str, RunConfig, bool]]:
+    """``(name, config, score_mmlu)`` for every run of ``profile``."""
+    base, spec = base_config(profile, out), PROFILES[profile]
+    runs = []
+
+    def add(name: str, mmlu: bool, **changes) -> None:
+        runs.append((name, dataclasses.replace(base, out_dir=str(out / name), **changes), mmlu))
+
+    for method in HOMOGENEOUS_METHODS:
+        add(f"homogeneous-{method}-s0", method != "standalone", method=method, ranks=[16])
+    for method in HETEROGENEOUS_METHODS:
+        add(f"heterogeneous-{method}-s0", method != "standalone", method=method, ranks=list(HETEROGENEOUS))
+    if not spec["extras"]:
+        return runs
+    for seed in spec["seeds"][1:]:
+        for setting, pair in KEY_PAIRS.items():
+            ranks = [16] if setting == "homogeneous" else list(HETEROGENEOUS)
+            for method in pair:
+                add(f"{setting}-{method}-s{seed}", False, method=method, ranks=ranks, seed=seed)
+    add("heterogeneous-flora-uniform-s0", False, method="flora", ranks=list(HETEROGENEOUS), weighting="uniform")
+    for setting in KEY_PAIRS:
+        add(f"{setting}-flora-iid-s0", False, method="flora", partition="iid",
+            ranks=[16] if setting == "homogeneous" else list(HETEROGENEOUS))
+    return runs
+
+
+def summary_dir(profile: str) -> Path:
+    return RESULTS / f"reproduce-{profile}"
+
+
+def run_one(name: str, config: RunConfig, mmlu: int, profile: str, quiet: bool) -> dict:
+    from flora.compare import evaluate_final_mmlu
+    from flora.federation import FederationClient, clear_assets
+    from flora.report import read_metrics
+    from flora.runner import run_in_process
+
+    started = time.perf_counter()
+    run_in_process(config, progress=(lambda _: None) if quiet else print)
+    wall = time.perf_counter() - started
+    clear_assets()  # the next run starts from the base weights again
+    FederationClient._states.clear()
+    summary = {"name": name, "config": config.to_dict(), "wall_seconds": wall,
+               "metrics": read_metrics(Path(config.out_dir))}
+    if mmlu:
+        started = time.perf_counter()
+        summary["mmlu_cloze"] = evaluate_final_mmlu(config, mmlu, quiet=True)["cloze"]
+        summary["mmlu_seconds"] = time.perf_counter() - started
+    path = summary_dir(profile) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(summary), indent=1))
+    return summary
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items() if k != "per_subject"}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def _row(summary: dict) -> dict:
+    metrics = summary["metrics"]
+    losses = [m["test_loss"] for m in metrics if m["test_loss"] is not None]
+    errors = [m["aggregation_error"] for m in metrics if m.get("aggregation_error") is not None]
+    mmlu = summary.get("mmlu_cloze") or {}
+    return {"name": summary["name"], "method": summary["config"]["method"], "seed": summary["config"]["seed"],
+            "loss_per_round": losses, "final_test_loss": losses[-1] if losses else None,
+            "best_test_loss": min(losses) if losses else None,
+            "client_test_loss_final": metrics[-1].get("client_test_loss_mean"),
+            "max_aggregation_error": max(errors) if errors else None,
+            "mmlu_cloze": mmlu.get("accuracy"), "mmlu_ci95": mmlu.get("ci95"), "mmlu_n": mmlu.get("num_questions"),
+            "wall_seconds": summary["wall_seconds"],
+            "mib_up_per_round": mean(m["bytes_up"] for m in metrics) / 2 ** 20,
+            "mib_down_per_round": mean(m["bytes_down"] for m in metrics) / 2 ** 20}
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _method_table(rows: list[dict]) -> str:
+    lines = ["| method | test loss per round | final | best | clients' own test loss | MMLU cloze (95 % CI) | "
+             "max agg. error | MiB up / down per round | wall s |", "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        mmlu = "–" if r["mmlu_cloze"] is None else \
+            f"{r['mmlu_cloze']:.3f} ({r['mmlu_ci95'][0]:.3f}–{r['mmlu_ci95'][1]:.3f}), n={r['mmlu_n']}"
+        lines.append(f"| {r['method']} | {' → '.join(f'{x:.4f}' for x in r['loss_per_round'])} | "
+                     f"{_fmt(r['final_test_loss'])} | {_fmt(r['best_test_loss'])} | "
+                     f"{_fmt(r['client_test_loss_final'])} | {mmlu} | {_fmt(r['max_aggregation_error'], '.2e')} | "
+                     f"{r['mib_up_per_round']:.1f} / {r['mib_down_per_round']:.1f} | {r['wall_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def report(profile: str) -> str:
+    summaries = {p.stem: json.loads(p.read_text()) for p in sorted(summary_dir(profile).glob("*.json"))}
+    rows = {name: _row(s) for name, s in summaries.items()}
+    parts = [f"# Reproduction, profile `{profile}` ({len(rows)} of {len(plan(profile, Path('runs')))} runs done)\n"]
+    settings = PROFILES[profile]["settings"]
+    parts.append(f"10 clients, Dirichlet(0.5) over ShareGPT (embedded), SmolLM2-135M-Instruct, {settings['rounds']} "
+                 f"rounds × {settings['local_steps']} local steps × {settings['batch_size']} examples (cutoff "
+                 f"{settings['cutoff']}), lr 5e-4; test loss on {settings['eval_examples']} held-out conversations.\n")
+    for setting, methods in (("homogeneous", HOMOGENEOUS_METHODS), ("heterogeneous", HETEROGENEOUS_METHODS)):
+        chosen = [rows[f"{setting}-{m}-s0"] for m in methods if f"{setting}-{m}-s0" in rows]
+        if chosen:
+            title = "every client rank 16" if setting == "homogeneous" else "ranks " + ",".join(map(str, HETEROGENEOUS))
+            parts += [f"## {setting.capitalize()} ({title}), seed 0\n", _method_table(chosen), ""]
+    seeds = {}
+    for setting, pair in KEY_PAIRS.items():
+        for method in pair:
+            finals = [rows[n]["final_test_loss"] for n in rows
+                      if n.startswith(f"{setting}-{method}-s") and rows[n]["final_test_loss"] is not None]
+            if len(finals) > 1:
+                seeds[f"{setting}-{method}"] = {"n": len(finals), "mean": mean(finals), "std": stdev(finals),
+                                                "finals": finals}
+    if seeds:
+        parts += ["## Key pairs over seeds (final test loss, mean ± std)\n", "| run | seeds | mean ± std | finals |",
+                  "|---|---:|---|---|"]
+        parts += [f"| {k} | {v['n']} | {v['mean']:.4f} ± {v['std']:.4f} | {', '.join(f'{x:.4f}' for x in v['finals'])} |"
+                  for k, v in seeds.items()]
+        parts.append("")
+    extras = [rows[n] for n in ("heterogeneous-flora-s0", "heterogeneous-flora-uniform-s0", "homogeneous-flora-s0",
+                                "homogeneous-flora-iid-s0", "heterogeneous-flora-iid-s0") if n in rows]
+    if any("uniform" in r["name"] or "iid" in r["name"] for r in extras):
+        parts += ["## Ablation (p_k) and IID control\n", "| run | final | best | max agg. error |", "|---|---:|---:|---:|"]
+        parts += [f"| {r['name']} | {_fmt(r['final_test_loss'])} | {_fmt(r['best_test_loss'])} | "
+                  f"{_fmt(r['max_aggregation_error'], '.2e')} |" for r in extras]
+        parts.append("")
+    text = "\n".join(parts)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"reproduce_{profile}.md").write_text(text)
+    (RESULTS / f"reproduce_{profile}.json").write_text(json.dumps({"profile": profile, "runs": rows, "seeds": seeds},
+                                                                   indent=1))
+    _plot(profile, rows)
+    return text
+
+
+def _plot(profile: str, rows: dict[str, dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, (setting, methods) in zip(axes, (("homogeneous", HOMOGENEOUS_METHODS),
+                                             ("heterogeneous", HETEROGENEOUS_METHODS))):
+        for method in methods:
+            row = rows.get(f"{setting}-{method}-s0")
+            if row and row["loss_per_round"]:
+                ax.plot(range(1, len(row["loss_per_round"]) + 1), row["loss_per_round"], marker="o", label=method)
+        ax.set_title(setting)
+        ax.set_xlabel("round")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("global test loss")
+    fig.tight_layout()
+    DOCS.mkdir(exist_ok=True)
+    fig.savefig(DOCS / f"reproduce_{profile}_loss.png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--out", default=None, help="run directories (default runs/reproduce-PROFILE)")
+    parser.add_argument("--only", default="", help="comma list of run names (default: all)")
+    parser.add_argument("--report", action="store_true", help="only rebuild the report from finished runs")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    if not args.report:
+        out = Path(args.out or f"runs/reproduce-{args.profile}")
+        only = {n.strip() for n in args.only.split(",") if n.strip()}
+        runs = [r for r in plan(args.profile, out) if not only or r[0] in only]
+        for index, (name, config, score) in enumerate(runs, start=1):
+            if (summary_dir(args.profile) / f"{name}.json").is_file():
+                print(f"[reproduce] {index}/{len(runs)} {name}: done earlier, skipped")
+                continue
+            print(f"[reproduce] {index}/{len(runs)} {name}", flush=True)
+            summary = run_one(name, config, PROFILES[args.profile]["mmlu"] if score else 0, args.profile, args.quiet)
+            print(f"[reproduce] {name}: final test loss {summary['metrics'][-1]['test_loss']:.4f}, "
+                  f"{summary['wall_seconds']:.0f} s", flush=True)
+    print(report(args.profile))
+
+
+if __name__ == "__main__":
+    main()
