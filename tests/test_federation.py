@@ -156,20 +156,24 @@ def test_flower_codec_roundtrip():
 
 
 @pytest.mark.slow
-def test_flower_simulation_matches_in_process_run(assets_dir, tmp_path):
+@pytest.mark.parametrize("options", [{}, dict(dp_noise_multiplier=0.5, dp_clip_norm=0.05, dp_noise_seed=1,
+                                               weighting="uniform")], ids=["plain", "differential-privacy"])
+def test_flower_simulation_matches_in_process_run(assets_dir, tmp_path, options):
     from flora.cli import run_flower_simulation
 
-    config = tiny_config(assets_dir, tmp_path / "local")
+    config = tiny_config(assets_dir, tmp_path / "local", **options)
     reference = run_in_process(config, progress=lambda _: None)
     clear_assets()
     FederationClient._states.clear()
-    flower_config = tiny_config(assets_dir, tmp_path / "flower")
+    flower_config = tiny_config(assets_dir, tmp_path / "flower", **options)
     run_flower_simulation(flower_config)
     lines = [json.loads(x) for x in (tmp_path / "flower" / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["clients_ok"] for m in lines] == [3, 3]
     for ours, theirs in zip(reference, lines):
         assert theirs["test_loss"] == pytest.approx(ours["test_loss"], rel=1e-5)
         assert theirs["bytes_up"] == ours["bytes_up"]
+        if options:
+            assert theirs["dp_epsilon"] == pytest.approx(ours["dp_epsilon"]) and theirs["dp_participants"] == 3
 
 
 class Crash(Exception):
