@@ -1,6 +1,6 @@
 """The paper's comparisons at SmolLM2-135M scale (issue 7), with this system's own run code.
 
-    python benchmarks/reproduce.py --profile quick          # ~15 min on 2 cores, 1 seed, no MMLU
+    python benchmarks/reproduce.py --profile quick          # ~20 min on 2 cores: 12 runs, 1 seed, no MMLU
     python benchmarks/reproduce.py --profile full           # ~2 h: + 3 seeds of the key pairs, ablation,
                                                             #   IID control, MMLU cloze (1,000 questions)
     python benchmarks/reproduce.py --profile full --report  # tables + plot from what has finished
@@ -43,10 +43,10 @@ HETEROGENEOUS_METHODS = ["flora", "zeropad", "flexlora", "centralized", "standal
 KEY_PAIRS = {"homogeneous": ("flora", "fedit"), "heterogeneous": ("flora", "zeropad")}
 
 PROFILES = {
-    "quick": dict(settings=dict(rounds=2, local_steps=1, batch_size=4, micro_batch_size=4, cutoff=128,
-                                max_examples=1000, eval_examples=32, client_eval_examples=4),
+    "quick": dict(settings=dict(rounds=2, local_steps=1, batch_size=2, micro_batch_size=2, cutoff=128,
+                                max_examples=1000, eval_examples=16, client_eval_examples=2),
                   seeds=[0], extras=False, mmlu=0),
-    "full": dict(settings=dict(rounds=3, local_steps=2, batch_size=4, micro_batch_size=4, cutoff=128,
+    "full": dict(settings=dict(rounds=3, local_steps=2, batch_size=2, micro_batch_size=2, cutoff=128,
                                max_examples=2000, eval_examples=48, client_eval_examples=4),
                  seeds=[0, 1, 2], extras=True, mmlu=1000),
 }
@@ -233,9 +233,13 @@ def main() -> None:
         only = {n.strip() for n in args.only.split(",") if n.strip()}
         runs = [r for r in plan(args.profile, out) if not only or r[0] in only]
         for index, (name, config, score) in enumerate(runs, start=1):
-            if (summary_dir(args.profile) / f"{name}.json").is_file():
-                print(f"[reproduce] {index}/{len(runs)} {name}: done earlier, skipped")
-                continue
+            done = summary_dir(args.profile) / f"{name}.json"
+            if done.is_file():
+                if json.loads(done.read_text())["config"] == json.loads(json.dumps(config.to_dict())):
+                    print(f"[reproduce] {index}/{len(runs)} {name}: done earlier, skipped")
+                    continue
+                print(f"[reproduce] {index}/{len(runs)} {name}: the summary's config differs from the profile's; "
+                      f"running it again")
             print(f"[reproduce] {index}/{len(runs)} {name}", flush=True)
             summary = run_one(name, config, PROFILES[args.profile]["mmlu"] if score else 0, args.profile, args.quiet)
             print(f"[reproduce] {name}: final test loss {summary['metrics'][-1]['test_loss']:.4f}, "

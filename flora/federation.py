@@ -330,6 +330,7 @@ class FederationServer:
         self.history: list[RoundUpdate] = []
         self.node_applied: dict[str, int] = {}  # how many history entries each node's model holds
         self.metrics: list[dict] = []
+        self._dp_record: dict = {}  # the last private round's dp_* metrics (see _aggregate_private)
 
     def restore(self, history: Sequence[RoundUpdate], metrics: Sequence[dict]) -> None:
         """Continue after ``history`` (a checkpoint). Client processes are new, so every node gets the
