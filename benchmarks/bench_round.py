@@ -81,12 +81,11 @@ def profile_round(config: RunConfig) -> list[dict]:
     FederationClient._states.clear()
     totals: dict[str, float] = {}
 
-    def walk(frame) -> None:
-        if frame is None:
+    def walk(frame) -> None:  # own time per function; pyinstrument keeps it in synthetic "[self]" children
+        if frame.is_synthetic:
             return
         key = f"{frame.function} ({Path(frame.file_path or '?').name}:{frame.line_no})"
-        own = frame.time - sum(child.time for child in frame.children)
-        totals[key] = totals.get(key, 0.0) + own
+        totals[key] = totals.get(key, 0.0) + frame.total_self_time
         for child in frame.children:
             walk(child)
 
@@ -101,6 +100,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-only", action="store_true", help="only the profile, added to round.json/md")
     parser.add_argument("--out", default="runs/bench-round")
     args = parser.parse_args()
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -108,9 +108,22 @@ def main() -> None:
     base = dict(model="embedded", data="embedded", num_clients=args.clients, ranks=ranks, rounds=args.rounds,
                 local_steps=2, batch_size=4, micro_batch_size=4, cutoff=128, max_examples=600, eval_examples=16,
                 client_eval_examples=0, lr=5e-4)
+    if args.profile_only:
+        summary = json.loads((RESULTS / "round.json").read_text())
+    else:
+        summary = measure(base, args.out, args.clients, ranks, args.rounds)
+    if args.profile or args.profile_only:
+        summary["profile_top_frames"] = profile_round(RunConfig(**base, out_dir=f"{args.out}/local"))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "round.json").write_text(json.dumps(summary, indent=2))
+    (RESULTS / "round.md").write_text(markdown(summary))
+    print(markdown(summary))
+
+
+def measure(base: dict, out: str, clients: int, ranks: list[int], rounds: int) -> dict:
     results = {}
     for engine in ("local", "flower"):
-        config = RunConfig(**base, out_dir=f"{args.out}/{engine}")
+        config = RunConfig(**base, out_dir=f"{out}/{engine}")
         metrics, wall = run(config, engine)
         results[engine] = {"wall_seconds": wall, "rounds": [
             {k: m[k] for k in ("round", "seconds", "aggregate_seconds", "eval_seconds", "train_seconds", "train_tokens",
@@ -125,8 +138,8 @@ def main() -> None:
     tokens_per_s = sum(later("local", "train_tokens")) / sum(later("local", "train_seconds"))
     achieved = 4 * linear_params * tokens_per_s
     peak, cpu = cpu_peak_flops()
-    summary = {
-        "clients": args.clients, "ranks": ranks, "rounds": args.rounds, "threads": torch.get_num_threads(), "cpu": cpu,
+    return {
+        "clients": clients, "ranks": ranks, "rounds": rounds, "threads": torch.get_num_threads(), "cpu": cpu,
         "engines": results,
         "median_round_seconds": {"local": local_s, "flower": flower_s},
         "flower_overhead_share": (flower_s - local_s) / flower_s,
@@ -138,30 +151,28 @@ def main() -> None:
         "train_tokens_per_s": tokens_per_s, "adapted_linear_params": linear_params,
         "achieved_flops_lower_bound": achieved, "peak_flops_nominal": peak, "peak_share": achieved / peak,
     }
-    if args.profile:
-        summary["profile_top_frames"] = profile_round(RunConfig(**base, out_dir=f"{args.out}/local"))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "round.json").write_text(json.dumps(summary, indent=2))
-    lines = [f"Short real FLoRA run: {args.clients} clients (ranks {ranks}), {args.rounds} rounds × 2 local steps × 4 "
-             f"examples (cutoff 128); {cpu}. Rounds ≥ 2, medians.\n",
+
+
+def markdown(summary: dict) -> str:
+    local_s, flower_s = summary["median_round_seconds"]["local"], summary["median_round_seconds"]["flower"]
+    walls = {engine: summary["engines"][engine]["wall_seconds"] for engine in ("local", "flower")}
+    lines = [f"Short real FLoRA run: {summary['clients']} clients (ranks {summary['ranks']}), {summary['rounds']} rounds "
+             f"× 2 local steps × 4 examples (cutoff 128); {summary['cpu']}. Rounds ≥ 2, medians.\n",
              "| quantity | value |", "|---|---:|",
              f"| round, in-process engine | {local_s:.1f} s |", f"| round, Flower simulation engine | {flower_s:.1f} s |",
              f"| Flower engine overhead (share of its round) | {summary['flower_overhead_share']:.1%} |",
              f"| aggregation + broadcast (share of round) | {summary['aggregation_broadcast_share']:.2%} |",
              f"| evaluation (share of round) | {summary['evaluation_share']:.1%} |",
              f"| same test losses, both engines (4 decimals) | {summary['same_losses']} |",
-             f"| training tokens/s | {tokens_per_s:.0f} |",
-             f"| achieved FLOP/s (lower bound, 4·N per token) | {achieved / 1e9:.1f} G |",
-             f"| nominal fp32 peak | {peak / 1e9:.0f} G ({summary['peak_share']:.0%} reached) |",
-             f"| wall, in-process / Flower (incl. start-up) | {results['local']['wall_seconds']:.0f} s / "
-             f"{results['flower']['wall_seconds']:.0f} s |"]
-    if args.profile:
-        lines += ["", "pyinstrument, one in-process round, frames by own time:", "",
-                  "| frame | s | share |", "|---|---:|---:|"]
+             f"| training tokens/s | {summary['train_tokens_per_s']:.0f} |",
+             f"| achieved FLOP/s (lower bound, 4·N per token) | {summary['achieved_flops_lower_bound'] / 1e9:.1f} G |",
+             f"| nominal fp32 peak | {summary['peak_flops_nominal'] / 1e9:.0f} G ({summary['peak_share']:.0%} reached) |",
+             f"| wall, in-process / Flower (incl. start-up) | {walls['local']:.0f} s / {walls['flower']:.0f} s |"]
+    if summary.get("profile_top_frames"):
+        lines += ["", "pyinstrument, one in-process round (model load included), functions by own time:", "",
+                  "| function | s | share |", "|---|---:|---:|"]
         lines += [f"| `{f['frame']}` | {f['seconds']:.1f} | {f['share']:.1%} |" for f in summary["profile_top_frames"]]
-    (RESULTS / "round.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()
