@@ -40,7 +40,10 @@ def test_continuation_scores_match_hand_computed_loglikelihoods(tiny_model, tiny
 def test_shared_context_scores_equal_separate_scoring_and_reference(tiny_model, tiny_tokenizer):
     groups = [("Explain recursion?", [" A function that calls itself", " red", " x"]),
               ("List three colors:", [" red, green and blue", " one"])]
-    shared = score_shared_contexts(tiny_model, tiny_tokenizer, groups)
+    shared = score_shared_contexts(tiny_model, tiny_tokenizer, groups, batch_size=2)  # two context lengths, 3 + 2
+    one_by_one = score_shared_contexts(tiny_model, tiny_tokenizer, groups, batch_size=1)
+    assert [x.logprob for row in one_by_one for x in row] == \
+        pytest.approx([x.logprob for row in shared for x in row], rel=1e-5, abs=1e-5)
     for (context, continuations), row in zip(groups, shared):
         separate = score_continuations(tiny_model, tiny_tokenizer, [(context, c) for c in continuations], batch_size=2)
         for continuation, got, want in zip(continuations, row, separate):

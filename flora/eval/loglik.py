@@ -58,55 +58,75 @@ def score_continuations(model: torch.nn.Module, tokenizer, requests: Sequence[tu
 
 @torch.no_grad()
 def score_shared_contexts(model: torch.nn.Module, tokenizer, groups: Sequence[tuple[str, Sequence[str]]],
-                          max_length: int = 1024, progress: Callable[[int], None] | None = None
-                          ) -> list[list[Scored]]:
-    """``[(context, [continuation, ...])]`` → log-likelihood of every continuation, the context run once.
+                          batch_size: int = 8, max_length: int = 1024,
+                          progress: Callable[[int], None] | None = None) -> list[list[Scored]]:
+    """``[(context, [continuation, ...])]`` → log-likelihood of every continuation, each context run once.
 
     Same numbers as :func:`score_continuations` on the ``(context, continuation)`` pairs (tokenised the
-    same way), at about the cost of one forward per context: the context's key/value cache is copied
-    to each continuation (MMLU cloze: 4 answers after one question). The context is cut from the left
-    so that it and the longest continuation fit ``max_length``.
+    same way), at about the cost of one forward per context: ``batch_size`` contexts run together
+    (right-padded), and each context's key/value cache is copied to its continuations, which run as one
+    batch after it (MMLU cloze: 4 answers per question). Padding between a context's end and its
+    continuations is masked out and positions continue from the context's own length. A context is
+    cut from the left so that it and its longest continuation fit ``max_length``.
     """
     was_training = model.training
     model.eval()
     decoder, head = causal_lm_parts(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    results: list[list[Scored]] = []
+    encoded = []
+    for context, continuations in groups:
+        cont_ids = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in continuations]
+        if not cont_ids or not all(cont_ids):
+            raise ValueError(f"empty continuation after tokenisation in {list(continuations)!r}")
+        longest = max(len(ids) for ids in cont_ids)
+        ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"][-max(max_length - longest, 1):]
+        encoded.append((ctx_ids, cont_ids))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding
+    results: list[list[Scored] | None] = [None] * len(encoded)
     try:
-        for context, continuations in groups:
-            cont_ids = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in continuations]
-            if not all(cont_ids):
-                raise ValueError(f"empty continuation after tokenisation in {list(continuations)!r}")
-            longest = max(len(ids) for ids in cont_ids)
-            ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"][-max(max_length - longest, 1):]
-            ctx = decoder(input_ids=torch.tensor([ctx_ids]), use_cache=True)
-            cache = ctx.cache
-            cache.batch_repeat_interleave(len(cont_ids))
-            n, length = len(cont_ids), len(ctx_ids)
-            batch = torch.full((n, longest), pad_id, dtype=torch.long)
-            mask = torch.zeros(n, length + longest, dtype=torch.long)
-            mask[:, :length] = 1
-            for j, ids in enumerate(cont_ids):
-                batch[j, :len(ids)] = torch.tensor(ids)
-                mask[j, length:length + len(ids)] = 1
-            positions = torch.arange(length, length + longest).expand(n, -1)
-            hidden = decoder(input_ids=batch, attention_mask=mask, cache=cache,
-                             position_ids=positions).last_hidden_state  # (n, longest, h)
-            # token t of a continuation is predicted by the context's last state (t = 0) or by token t - 1
-            first = torch.log_softmax(head(ctx.last_hidden_state[0, -1]).float(), dim=-1)  # (V,)
-            later = torch.log_softmax(head(hidden[:, :-1]).float(), dim=-1) if longest > 1 else None
-            scored = []
-            for j, ids in enumerate(cont_ids):
-                total = float(first[ids[0]])
-                if len(ids) > 1:
-                    total += float(later[j, torch.arange(len(ids) - 1), torch.tensor(ids[1:])].double().sum())
-                scored.append(Scored(logprob=total, num_tokens=len(ids)))
-            results.append(scored)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            for i, scored in zip(chunk, _score_chunk(decoder, head, [encoded[i] for i in chunk], pad_id)):
+                results[i] = scored
             if progress is not None:
-                progress(n)
+                progress(sum(len(encoded[i][1]) for i in chunk))
     finally:
         model.train(was_training)
-    return results
+    return results  # type: ignore[return-value]
+
+
+def _score_chunk(decoder, head, chunk: Sequence[tuple[list[int], list[list[int]]]], pad_id: int
+                 ) -> list[list[Scored]]:
+    lengths = [len(ctx) for ctx, _ in chunk]
+    width = max(lengths)
+    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    ctx_mask = torch.zeros(len(chunk), width, dtype=torch.long)
+    for g, (ctx, _) in enumerate(chunk):
+        ids[g, :len(ctx)], ctx_mask[g, :len(ctx)] = torch.tensor(ctx), 1
+    ctx = decoder(input_ids=ids, attention_mask=ctx_mask, use_cache=True)
+    # token 0 of a continuation is predicted by its context's last real position
+    first = torch.log_softmax(head(ctx.last_hidden_state[torch.arange(len(chunk)), torch.tensor(lengths) - 1]).float(),
+                              dim=-1)  # (G, V)
+    owner = [g for g, (_, conts) in enumerate(chunk) for _ in conts]  # continuation row -> its context
+    flat = [ids_ for _, conts in chunk for ids_ in conts]
+    longest = max(len(x) for x in flat)
+    cache = ctx.cache
+    cache.batch_select_indices(torch.tensor(owner))
+    batch = torch.full((len(flat), longest), pad_id, dtype=torch.long)
+    mask = torch.cat([ctx_mask[owner], torch.zeros(len(flat), longest, dtype=torch.long)], dim=1)
+    for j, x in enumerate(flat):
+        batch[j, :len(x)] = torch.tensor(x)
+        mask[j, width:width + len(x)] = 1
+    positions = torch.tensor([lengths[g] for g in owner])[:, None] + torch.arange(longest)[None, :]
+    hidden = decoder(input_ids=batch, attention_mask=mask, cache=cache, position_ids=positions).last_hidden_state
+    later = torch.log_softmax(head(hidden[:, :-1]).float(), dim=-1) if longest > 1 else None  # (n, longest-1, V)
+    scored: list[list[Scored]] = [[] for _ in chunk]
+    for j, x in enumerate(flat):
+        total = float(first[owner[j], x[0]])
+        if len(x) > 1:
+            total += float(later[j, torch.arange(len(x) - 1), torch.tensor(x[1:])].double().sum())
+        scored[owner[j]].append(Scored(logprob=total, num_tokens=len(x)))
+    return scored
 
 
 @torch.no_grad()

@@ -199,8 +199,8 @@ def evaluate_mmlu(model, tokenizer, questions: Sequence[Question], scoring: str 
         scored = [Scored(float(v), 1) for row in table for v in row]
     else:  # the choices of a question share its context: run it once (see score_shared_contexts)
         groups = [(requests[start][0], [c for _, c in requests[start:start + count]]) for start, count in spans]
-        scored = [x for row in score_shared_contexts(model, tokenizer, groups, max_length=max_length,
-                                                     progress=progress) for x in row]
+        scored = [x for row in score_shared_contexts(model, tokenizer, groups, batch_size=max(1, batch_size // 4),
+                                                     max_length=max_length, progress=progress) for x in row]
     tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for q, (start, count) in zip(questions, spans):
         choice = predict(scored[start:start + count], [c for _, c in requests[start:start + count]], scoring)
