@@ -119,13 +119,17 @@ def _score_chunk(decoder, head, chunk: Sequence[tuple[list[int], list[list[int]]
         mask[j, width:width + len(x)] = 1
     positions = torch.tensor([lengths[g] for g in owner])[:, None] + torch.arange(longest)[None, :]
     hidden = decoder(input_ids=batch, attention_mask=mask, cache=cache, position_ids=positions).last_hidden_state
-    later = torch.log_softmax(head(hidden[:, :-1]).float(), dim=-1) if longest > 1 else None  # (n, longest-1, V)
+    # tokens 1.. of continuation j are predicted at its positions 0..len-2: run the head there only (not on padding)
+    rows = torch.tensor([j for j, x in enumerate(flat) for _ in x[1:]], dtype=torch.long)
+    cols = torch.tensor([t for x in flat for t in range(len(x) - 1)], dtype=torch.long)
+    targets = torch.tensor([t for x in flat for t in x[1:]], dtype=torch.long)
+    later = torch.zeros(len(flat), dtype=torch.float64)
+    if len(rows):
+        logprobs = torch.log_softmax(head(hidden[rows, cols]).float(), dim=-1)  # (N, V)
+        later.index_add_(0, rows, logprobs[torch.arange(len(rows)), targets].double())
     scored: list[list[Scored]] = [[] for _ in chunk]
     for j, x in enumerate(flat):
-        total = float(first[owner[j], x[0]])
-        if len(x) > 1:
-            total += float(later[j, torch.arange(len(x) - 1), torch.tensor(x[1:])].double().sum())
-        scored[owner[j]].append(Scored(logprob=total, num_tokens=len(x)))
+        scored[owner[j]].append(Scored(logprob=float(first[owner[j], x[0]]) + float(later[j]), num_tokens=len(x)))
     return scored
 
 
