@@ -204,12 +204,16 @@ def _plot(profile: str, rows: dict[str, dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    methods = list(dict.fromkeys(HOMOGENEOUS_METHODS + HETEROGENEOUS_METHODS))
+    colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}  # one colour per method in both panels
     for ax, (setting, methods) in zip(axes, (("homogeneous", HOMOGENEOUS_METHODS),
                                              ("heterogeneous", HETEROGENEOUS_METHODS))):
         for method in methods:
             row = rows.get(f"{setting}-{method}-s0")
             if row and row["loss_per_round"]:
-                ax.plot(range(1, len(row["loss_per_round"]) + 1), row["loss_per_round"], marker="o", label=method)
+                rounds = range(1, len(row["loss_per_round"]) + 1)
+                ax.plot(rounds, row["loss_per_round"], marker="o", label=method, color=colours[method])
+                ax.set_xticks(list(rounds))
         ax.set_title(setting)
         ax.set_xlabel("round")
         ax.legend(fontsize=8)
