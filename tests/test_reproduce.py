@@ -1,0 +1,41 @@
+"""The issue-7 reproduction plan (benchmarks/reproduce.py): which runs, with which settings."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location("reproduce", Path(__file__).parents[1] / "benchmarks" / "reproduce.py")
+reproduce = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(reproduce)
+
+
+@pytest.mark.parametrize("profile, count", [("quick", 12), ("full", 23)])
+def test_plan_has_every_method_setting_and_extra(profile, count, tmp_path):
+    runs = reproduce.plan(profile, tmp_path)
+    names = [name for name, _, _ in runs]
+    assert len(names) == len(set(names)) == count
+    # MMLU for the seed-0 runs of every method but standalone (10 models per clients' own would be 10x)
+    assert sorted(name for name, _, mmlu in runs if mmlu) == sorted(
+        f"{setting}-{method}-s0" for setting, methods in (("homogeneous", reproduce.HOMOGENEOUS_METHODS),
+                                                          ("heterogeneous", reproduce.HETEROGENEOUS_METHODS))
+        for method in methods if method != "standalone")
+    configs = {name: config for name, config, _ in runs}
+    for method in reproduce.HOMOGENEOUS_METHODS:
+        assert configs[f"homogeneous-{method}-s0"].ranks == [16]
+    for method in reproduce.HETEROGENEOUS_METHODS:
+        assert configs[f"heterogeneous-{method}-s0"].ranks == reproduce.HETEROGENEOUS
+    assert configs["heterogeneous-centralized-s0"].client_rank(0) == 64
+    # the same token budget for every run: rounds x clients x local steps x batch
+    budgets = {(c.rounds * c.num_clients * c.local_steps * c.batch_size, c.cutoff) for c in configs.values()}
+    assert len(budgets) == 1
+    assert all(c.num_clients == 10 and Path(c.out_dir).parent == tmp_path for c in configs.values())
+    if profile == "full":
+        for setting, pair in reproduce.KEY_PAIRS.items():
+            for method in pair:
+                assert {configs[f"{setting}-{method}-s{s}"].seed for s in (0, 1, 2)} == {0, 1, 2}
+        assert configs["heterogeneous-flora-uniform-s0"].weighting == "uniform"
+        assert configs["homogeneous-flora-iid-s0"].partition == "iid"
+        assert all(c.partition == "dirichlet" for n, c in configs.items() if "iid" not in n)
