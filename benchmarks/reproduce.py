@@ -216,7 +216,8 @@ def _plot(profile: str, rows: dict[str, dict]) -> None:
                 ax.set_xticks(list(rounds))
         ax.set_title(setting)
         ax.set_xlabel("round")
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     axes[0].set_ylabel("global test loss")
     fig.tight_layout()
     DOCS.mkdir(exist_ok=True)
