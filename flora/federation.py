@@ -464,7 +464,7 @@ class FederationServer:
         The aggregation error is the broadcast's relative distance from the noiseless clipped mean."""
         config, spec = self.config, self.dp_spec()
         norms = [update_norm(r.factors) for r in accepted]
-        clipped, clip_factors = clip_updates([r.factors for r in accepted], spec.clip_norm)
+        clipped, clip_factors = clip_updates([r.factors for r in accepted], spec.clip_norm, norms)
         rank = config.dp_broadcast_rank or sum(config.client_rank(k) for k in range(config.num_clients))
         generator = noise_generator(config.dp_noise_seed, round_)
         update = RoundUpdate(round=round_)

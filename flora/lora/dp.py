@@ -60,10 +60,12 @@ def noise_generator(noise_seed: int, round_: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def clip_updates(updates: Sequence[Mapping[str, Factors]], clip_norm: float
+def clip_updates(updates: Sequence[Mapping[str, Factors]], clip_norm: float, norms: Sequence[float] | None = None
                  ) -> tuple[list[dict[str, Factors]], list[float]]:
-    """Every update scaled (through ``B``) to whole-model norm at most ``clip_norm``; the factors used."""
-    pairs = [clip_update(update, clip_norm) for update in updates]
+    """Every update scaled (through ``B``) to whole-model norm at most ``clip_norm``; the factors used.
+    ``norms``: the updates' norms when the caller has them already."""
+    norms = norms if norms is not None else [None] * len(updates)
+    pairs = [clip_update(update, clip_norm, norm) for update, norm in zip(updates, norms)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 

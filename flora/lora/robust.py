@@ -19,9 +19,11 @@ def update_norm(update: Mapping[str, Factors]) -> float:
     return math.sqrt(sum(product_norm(A, B) ** 2 for A, B in update.values()))
 
 
-def clip_update(update: Mapping[str, Factors], max_norm: float) -> tuple[dict[str, Factors], float]:
-    """Scale ``update`` (through ``B``) so that its norm is at most ``max_norm``; returns the factor used."""
-    norm = update_norm(update)
+def clip_update(update: Mapping[str, Factors], max_norm: float, norm: float | None = None
+                ) -> tuple[dict[str, Factors], float]:
+    """Scale ``update`` (through ``B``) so that its norm (``norm`` if already known) is at most ``max_norm``;
+    returns the factor used."""
+    norm = update_norm(update) if norm is None else norm
     factor = min(1.0, max_norm / norm) if norm > 0 else 1.0
     if factor == 1.0:
         return dict(update), 1.0
