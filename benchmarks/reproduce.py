@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import time
 from pathlib import Path
 from statistics import mean, stdev
@@ -138,6 +139,26 @@ def _row(summary: dict) -> dict:
             "mib_down_per_round": mean(m["bytes_down"] for m in metrics) / 2 ** 20}
 
 
+def paired_differences(rows: dict[str, dict], setting: str, pair: tuple[str, str]) -> dict | None:
+    """Final test loss of ``pair[0]`` minus ``pair[1]`` on every seed both finished (None if none).
+
+    Seeds move the test set as well as the partition, so absolute losses differ between seeds far more
+    than methods differ on one seed; the per-seed difference is the comparison that can show a method
+    effect.
+    """
+    def finals(method: str) -> dict[int, float]:
+        pattern = re.compile(rf"{re.escape(setting)}-{re.escape(method)}-s(\d+)")
+        return {int(m.group(1)): r["final_test_loss"] for n, r in rows.items()
+                if (m := pattern.fullmatch(n)) and r["final_test_loss"] is not None}
+
+    first, second = finals(pair[0]), finals(pair[1])
+    per_seed = {s: first[s] - second[s] for s in sorted(first.keys() & second.keys())}
+    if not per_seed:
+        return None
+    values = list(per_seed.values())
+    return {"per_seed": per_seed, "mean": mean(values), "std": stdev(values) if len(values) > 1 else None}
+
+
 def _fmt(value, spec: str = ".4f") -> str:
     return "–" if value is None else format(value, spec)
 
@@ -182,6 +203,19 @@ def report(profile: str) -> str:
         parts += [f"| {k} | {v['n']} | {v['mean']:.4f} ± {v['std']:.4f} | {', '.join(f'{x:.4f}' for x in v['finals'])} |"
                   for k, v in seeds.items()]
         parts.append("")
+    paired = {f"{setting}: {pair[0]} − {pair[1]}": diff for setting, pair in KEY_PAIRS.items()
+              if (diff := paired_differences(rows, setting, pair))}
+    if paired:
+        parts += ["## Key pairs, paired by seed (final test loss difference; a seed fixes data sample, partition "
+                  "and test set)\n", "| difference | seeds | per seed | mean ± std | negative (first better) |",
+                  "|---|---:|---|---|---:|"]
+        for k, v in paired.items():
+            spread = "" if v["std"] is None else f" ± {v['std']:.4f}"
+            per_seed = ", ".join(f"s{s}: {d:+.4f}" for s, d in v["per_seed"].items())
+            wins = sum(d < 0 for d in v["per_seed"].values())
+            parts.append(f"| {k} | {len(v['per_seed'])} | {per_seed} | {v['mean']:+.4f}{spread} | "
+                         f"{wins}/{len(v['per_seed'])} |")
+        parts.append("")
     extras = [rows[n] for n in ("heterogeneous-flora-s0", "heterogeneous-flora-uniform-s0", "homogeneous-flora-s0",
                                 "homogeneous-flora-iid-s0", "heterogeneous-flora-iid-s0") if n in rows]
     if any("uniform" in r["name"] or "iid" in r["name"] for r in extras):
@@ -192,7 +226,8 @@ def report(profile: str) -> str:
     text = "\n".join(parts)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"reproduce_{profile}.md").write_text(text)
-    (RESULTS / f"reproduce_{profile}.json").write_text(json.dumps({"profile": profile, "runs": rows, "seeds": seeds},
+    (RESULTS / f"reproduce_{profile}.json").write_text(json.dumps({"profile": profile, "runs": rows, "seeds": seeds,
+                                                                   "paired": paired},
                                                                    indent=1))
     _plot(profile, rows)
     return text

@@ -39,3 +39,18 @@ def test_plan_has_every_method_setting_and_extra(profile, count, tmp_path):
         assert configs["heterogeneous-flora-uniform-s0"].weighting == "uniform"
         assert configs["homogeneous-flora-iid-s0"].partition == "iid"
         assert all(c.partition == "dirichlet" for n, c in configs.items() if "iid" not in n)
+
+
+def test_paired_differences_match_by_seed_and_ignore_other_variants():
+    def row(loss):
+        return {"final_test_loss": loss}
+
+    rows = {"homogeneous-flora-s0": row(2.0), "homogeneous-fedit-s0": row(2.5),
+            "homogeneous-flora-s1": row(1.0), "homogeneous-fedit-s1": row(0.75),
+            "homogeneous-flora-s2": row(9.0),  # no fedit partner: left out
+            "homogeneous-flora-iid-s0": row(0.0), "heterogeneous-flora-s0": row(0.0)}
+    diff = reproduce.paired_differences(rows, "homogeneous", ("flora", "fedit"))
+    assert diff["per_seed"] == {0: -0.5, 1: 0.25}
+    assert diff["mean"] == pytest.approx(-0.125)
+    assert diff["std"] == pytest.approx(0.375 * 2 ** 0.5)  # sample std of -0.5 and 0.25
+    assert reproduce.paired_differences(rows, "heterogeneous", ("flora", "zeropad")) is None
