@@ -134,7 +134,7 @@ def _row(summary: dict) -> dict:
             "client_test_loss_final": metrics[-1].get("client_test_loss_mean"),
             "max_aggregation_error": max(errors) if errors else None,
             "mmlu_cloze": mmlu.get("accuracy"), "mmlu_ci95": mmlu.get("ci95"), "mmlu_n": mmlu.get("num_questions"),
-            "wall_seconds": summary["wall_seconds"],
+            "wall_seconds": summary["wall_seconds"], "mmlu_seconds": summary.get("mmlu_seconds", 0.0),
             "mib_up_per_round": mean(m["bytes_up"] for m in metrics) / 2 ** 20,
             "mib_down_per_round": mean(m["bytes_down"] for m in metrics) / 2 ** 20}
 
@@ -183,7 +183,9 @@ def report(profile: str) -> str:
     settings = PROFILES[profile]["settings"]
     parts.append(f"10 clients, Dirichlet(0.5) over ShareGPT (embedded), SmolLM2-135M-Instruct, {settings['rounds']} "
                  f"rounds × {settings['local_steps']} local steps × {settings['batch_size']} examples (cutoff "
-                 f"{settings['cutoff']}), lr 5e-4; test loss on {settings['eval_examples']} held-out conversations.\n")
+                 f"{settings['cutoff']}), lr 5e-4; test loss on {settings['eval_examples']} held-out conversations. "
+                 f"Measured time of the finished runs: {sum(r['wall_seconds'] for r in rows.values()) / 60:.0f} min "
+                 f"training + evaluation, {sum(r['mmlu_seconds'] for r in rows.values()) / 60:.0f} min MMLU.\n")
     for setting, methods in (("homogeneous", HOMOGENEOUS_METHODS), ("heterogeneous", HETEROGENEOUS_METHODS)):
         chosen = [rows[f"{setting}-{m}-s0"] for m in methods if f"{setting}-{m}-s0" in rows]
         if chosen:
