@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from flora.data.formats import DataError, Record, detect_format
 from flora.data.partition import partition, proxy_label
 from flora.data.sources import load_records, read_rows, recover_json_array
-from flora.data.tokenize import IGNORE_INDEX, encode, pack
+from flora.data.tokenize import IGNORE_INDEX, assistant_spans, encode, pack
 
 ROWS = {
     "sharegpt": [{"id": "a", "conversations": [{"from": "system", "value": "Be brief."},
@@ -169,6 +169,68 @@ def test_cutoff_and_drop_without_targets(tiny_tokenizer, records):
     cut = encode(tiny_tokenizer, records[0], cutoff=len(full.input_ids) - 3)
     assert cut.input_ids == full.input_ids[:-3] and cut.labels == full.labels[:-3]
     assert encode(tiny_tokenizer, records[0], cutoff=3) is None  # cut before the answer
+
+
+def reference_encode(tokenizer, record, cutoff):
+    """The plain definition: tokenise the whole conversation, label tokens that start in any assistant span."""
+    text, spans = assistant_spans(tokenizer, record.messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                        max_length=cutoff)
+    labels = [token if any(a <= start < b for a, b in spans) else IGNORE_INDEX
+              for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    return (list(encoded["input_ids"]), labels) if any(x != IGNORE_INDEX for x in labels) else None
+
+
+def as_pair(example):
+    return None if example is None else (example.input_ids, example.labels)
+
+
+HARD_TEXTS = ["=" * 900, "word " * 300, "a" + " " * 700 + "b", "\n\n".join(["x = 1"] * 200), "é漢字🙂 " * 200,
+              "no_spaces_at_all_" * 80, "  leading and trailing spaces  " * 40, "don't it's we're " * 100]
+
+
+@settings(max_examples=60, deadline=None)
+@given(user=st.sampled_from(HARD_TEXTS) | st.text(max_size=1500), answer=st.sampled_from(HARD_TEXTS) | st.text(
+    min_size=1, max_size=1500), turns=st.integers(1, 3), cutoff=st.sampled_from([1, 5, 40, 128, 400]))
+def test_encode_tokenising_a_prefix_equals_tokenising_everything(tiny_tokenizer, user, answer, turns, cutoff):
+    from flora.data import tokenize
+
+    messages = [m for _ in range(turns) for m in ({"role": "user", "content": user},
+                                                  {"role": "assistant", "content": answer})]
+    record = Record(tuple(messages))
+    expected = reference_encode(tiny_tokenizer, record, cutoff)
+    # a short first guess puts the cut right where the cutoff falls: pre-tokens split there would show
+    for guess in (1, 2, tokenize._CHARS_PER_TOKEN_GUESS):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tokenize, "_CHARS_PER_TOKEN_GUESS", guess)
+            assert as_pair(encode(tiny_tokenizer, record, cutoff)) == expected, guess
+
+
+def test_head_tokens_equal_the_whole_texts_for_every_cut(tiny_tokenizer, monkeypatch):
+    """Every first-guess length and cutoff: the cut lands inside words, at their ends, between spaces."""
+    from flora.data import tokenize
+
+    from conftest import CORPUS
+
+    text = " ".join(CORPUS[:4]) + "   spaced   out\n\n" + "=" * 50 + " " + " ".join(CORPUS[:4])
+    whole = tiny_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    for guess in range(1, 9):
+        monkeypatch.setattr(tokenize, "_CHARS_PER_TOKEN_GUESS", guess)
+        for cutoff in range(1, 60):
+            ids, offsets = tokenize._head_tokens(tiny_tokenizer, text, cutoff)
+            assert (list(ids), list(offsets)) == (whole["input_ids"][:cutoff], whole["offset_mapping"][:cutoff]), \
+                (guess, cutoff)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cutoff", [16, 128, 512])
+def test_encode_matches_whole_text_tokenisation_on_embedded_sharegpt(cutoff):
+    from flora.models.loader import load_tokenizer, resolve_model_dir
+
+    tokenizer = load_tokenizer(resolve_model_dir("embedded"))
+    records, _ = load_records("embedded")
+    for record in records[:: max(1, len(records) // 300)]:  # ~300 conversations spread over the file
+        assert as_pair(encode(tokenizer, record, cutoff)) == reference_encode(tokenizer, record, cutoff)
 
 
 def test_pack(tiny_tokenizer, records):

@@ -4,10 +4,16 @@ The template is applied to the whole conversation once; the character spans of t
 turns are found by rendering prefixes (``messages[:i]`` with the generation prompt, and
 ``messages[:i+1]``), and tokens whose first character falls in a span are trained on (the
 turn's end-of-message token included, so the model learns to stop).
+
+Only the head of a conversation survives the cutoff, so :func:`encode` tokenises a growing prefix
+of the text (not the whole of it) and renders prefixes only for the assistant turns that start
+before the cut: the same tokens and labels as tokenising everything, at a fraction of the cost on
+long conversations (ShareGPT: ~6,000 characters for 128 tokens).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,15 +34,21 @@ class Example:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
-def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns."""
+def assistant_spans(tokenizer, messages: Sequence[dict], text: str | None = None, until: int | None = None
+                    ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
+
+    ``until``: only the turns that start before this character (later spans are not needed).
+    """
     messages = [dict(m) for m in messages]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tokenize=False) if text is None else text
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         start_text = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        if until is not None and len(start_text) >= until:
+            break
         end_text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (text.startswith(start_text) and text.startswith(end_text)):
             raise ValueError("the chat template does not render conversations prefix by prefix; "
@@ -45,12 +57,38 @@ def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tupl
     return text, spans
 
 
+_CHARS_PER_TOKEN_GUESS = 6
+_WORD_END = re.compile(r"\S(?=\s)")  # a non-space character followed by a space
+
+
+def _head_tokens(tokenizer, text: str, cutoff: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """The first ``cutoff`` tokens of ``text`` (ids, character offsets), tokenising only a prefix.
+
+    The prefix ends where a word ends and a space begins, so every pre-token before the cut (byte-level
+    BPE works within pre-tokens: words with their leading space, runs of punctuation, digits or
+    spaces; special tokens hold no spaces) is complete and tokenises as in the whole text. If such a
+    prefix gives ``cutoff`` tokens, they are the whole text's first ``cutoff``; otherwise a prefix
+    twice as long is tried, up to the whole text.
+    """
+    chars = cutoff * _CHARS_PER_TOKEN_GUESS
+    while chars < len(text):
+        ends = [m.end() for m in _WORD_END.finditer(text, chars // 2, chars)]
+        if ends:
+            encoded = tokenizer(text[:ends[-1]], add_special_tokens=False, return_offsets_mapping=True,
+                                truncation=True, max_length=cutoff)
+            if len(encoded["input_ids"]) >= cutoff:
+                return encoded["input_ids"], encoded["offset_mapping"]
+        chars *= 2
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=cutoff)
+    return encoded["input_ids"], encoded["offset_mapping"]
+
+
 def encode(tokenizer, record: Record, cutoff: int) -> Example | None:
     """Token ids and labels for one conversation, cut at ``cutoff`` tokens; None if nothing to learn."""
-    text, spans = assistant_spans(tokenizer, record.messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                        truncation=True, max_length=cutoff)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    messages = [dict(m) for m in record.messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids, offsets = _head_tokens(tokenizer, text, cutoff)
+    _, spans = assistant_spans(tokenizer, messages, text=text, until=offsets[-1][1] if offsets else 0)
     labels = []
     span_index = 0
     for token, (start, _end) in zip(ids, offsets):
