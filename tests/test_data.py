@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from flora.data.formats import DataError, Record, detect_format
 from flora.data.partition import partition, proxy_label
 from flora.data.sources import load_records, read_rows, recover_json_array
-from flora.data.tokenize import IGNORE_INDEX, assistant_spans, encode, pack
+from flora.data.tokenize import IGNORE_INDEX, encode, encode_whole_text, pack
 
 ROWS = {
     "sharegpt": [{"id": "a", "conversations": [{"from": "system", "value": "Be brief."},
@@ -171,20 +171,6 @@ def test_cutoff_and_drop_without_targets(tiny_tokenizer, records):
     assert encode(tiny_tokenizer, records[0], cutoff=3) is None  # cut before the answer
 
 
-def reference_encode(tokenizer, record, cutoff):
-    """The plain definition: tokenise the whole conversation, label tokens that start in any assistant span."""
-    text, spans = assistant_spans(tokenizer, record.messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
-                        max_length=cutoff)
-    labels = [token if any(a <= start < b for a, b in spans) else IGNORE_INDEX
-              for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
-    return (list(encoded["input_ids"]), labels) if any(x != IGNORE_INDEX for x in labels) else None
-
-
-def as_pair(example):
-    return None if example is None else (example.input_ids, example.labels)
-
-
 HARD_TEXTS = ["=" * 900, "word " * 300, "a" + " " * 700 + "b", "\n\n".join(["x = 1"] * 200), "é漢字🙂 " * 200,
               "no_spaces_at_all_" * 80, "  leading and trailing spaces  " * 40, "don't it's we're " * 100]
 
@@ -198,12 +184,12 @@ def test_encode_tokenising_a_prefix_equals_tokenising_everything(tiny_tokenizer,
     messages = [m for _ in range(turns) for m in ({"role": "user", "content": user},
                                                   {"role": "assistant", "content": answer})]
     record = Record(tuple(messages))
-    expected = reference_encode(tiny_tokenizer, record, cutoff)
+    expected = encode_whole_text(tiny_tokenizer, record, cutoff)
     # a short first guess puts the cut right where the cutoff falls: pre-tokens split there would show
     for guess in (1, 2, tokenize._CHARS_PER_TOKEN_GUESS):
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(tokenize, "_CHARS_PER_TOKEN_GUESS", guess)
-            assert as_pair(encode(tiny_tokenizer, record, cutoff)) == expected, guess
+            assert encode(tiny_tokenizer, record, cutoff) == expected, guess
 
 
 def test_head_tokens_equal_the_whole_texts_for_every_cut(tiny_tokenizer, monkeypatch):
@@ -230,7 +216,7 @@ def test_encode_matches_whole_text_tokenisation_on_embedded_sharegpt(cutoff):
     tokenizer = load_tokenizer(resolve_model_dir("embedded"))
     records, _ = load_records("embedded")
     for record in records[:: max(1, len(records) // 300)]:  # ~300 conversations spread over the file
-        assert as_pair(encode(tokenizer, record, cutoff)) == reference_encode(tokenizer, record, cutoff)
+        assert encode(tokenizer, record, cutoff) == encode_whole_text(tokenizer, record, cutoff)
 
 
 def test_pack(tiny_tokenizer, records):

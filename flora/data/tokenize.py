@@ -100,6 +100,18 @@ def encode(tokenizer, record: Record, cutoff: int) -> Example | None:
     return example if example.num_target_tokens else None
 
 
+def encode_whole_text(tokenizer, record: Record, cutoff: int) -> Example | None:
+    """The plain definition :func:`encode` must equal (tests and ``benchmarks/bench_tokenize.py``):
+    tokenise the whole conversation, render every assistant turn's span, keep the first ``cutoff``."""
+    text, spans = assistant_spans(tokenizer, record.messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                        max_length=cutoff)
+    labels = [token if any(a <= start < b for a, b in spans) else IGNORE_INDEX
+              for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    example = Example(input_ids=list(encoded["input_ids"]), labels=labels)
+    return example if example.num_target_tokens else None
+
+
 @dataclass
 class EncodeReport:
     encoded: int = 0
