@@ -208,6 +208,20 @@ def test_head_tokens_equal_the_whole_texts_for_every_cut(tiny_tokenizer, monkeyp
                 (guess, cutoff)
 
 
+def test_tokenizer_without_pre_tokenizer_gets_the_whole_text_tokenised():
+    from conftest import make_tokenizer
+
+    from flora.data import tokenize
+
+    tokenizer = make_tokenizer()
+    assert tokenize._splits_at_spaces(tokenizer)
+    tokenizer.backend_tokenizer.pre_tokenizer = None
+    assert not tokenize._splits_at_spaces(tokenizer)
+    record = Record(({"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "=" * 400}))
+    for cutoff in (5, 40, 128):
+        assert encode(tokenizer, record, cutoff) == encode_whole_text(tokenizer, record, cutoff)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cutoff", [16, 128, 512])
 def test_encode_matches_whole_text_tokenisation_on_embedded_sharegpt(cutoff):

@@ -61,6 +61,16 @@ _CHARS_PER_TOKEN_GUESS = 6
 _WORD_END = re.compile(r"\S(?=\s)")  # a non-space character followed by a space
 
 
+def _splits_at_spaces(tokenizer) -> bool:
+    """Whether the tokenizer pre-splits text at spaces (byte-level BPE, Metaspace): the prefix cut relies on it.
+
+    Tokenizers without a pre-tokenizer (BPE over the whole normalised text) get the whole text tokenised.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre_tokenizer = getattr(backend, "pre_tokenizer", None)
+    return pre_tokenizer is not None and len(pre_tokenizer.pre_tokenize_str("ab cd")) >= 2
+
+
 def _head_tokens(tokenizer, text: str, cutoff: int) -> tuple[list[int], list[tuple[int, int]]]:
     """The first ``cutoff`` tokens of ``text`` (ids, character offsets), tokenising only a prefix.
 
@@ -71,7 +81,7 @@ def _head_tokens(tokenizer, text: str, cutoff: int) -> tuple[list[int], list[tup
     twice as long is tried, up to the whole text.
     """
     chars = cutoff * _CHARS_PER_TOKEN_GUESS
-    while chars < len(text):
+    while chars < len(text) and _splits_at_spaces(tokenizer):
         ends = [m.end() for m in _WORD_END.finditer(text, chars // 2, chars)]
         if ends:
             encoded = tokenizer(text[:ends[-1]], add_special_tokens=False, return_offsets_mapping=True,
