@@ -1,7 +1,7 @@
 """The paper's comparisons at SmolLM2-135M scale (issue 7), with this system's own run code.
 
     python benchmarks/reproduce.py --profile quick          # ~22 min on 2 cores: 12 runs, 1 seed, no MMLU
-    python benchmarks/reproduce.py --profile full           # ~3.5 h: + 3 seeds of the key pairs, ablation,
+    python benchmarks/reproduce.py --profile full           # ~3.1 h: + 3 seeds of the key pairs, ablation,
                                                             #   IID control, MMLU cloze (1,000 questions)
     python benchmarks/reproduce.py --profile full --report  # tables + plot from what has finished
 
