@@ -139,6 +139,13 @@ def _row(summary: dict) -> dict:
             "mib_down_per_round": mean(m["bytes_down"] for m in metrics) / 2 ** 20}
 
 
+def seed_finals(rows: dict[str, dict], setting: str, method: str) -> dict[int, float]:
+    """``{seed: final test loss}`` of the finished ``SETTING-METHOD-sSEED`` runs (not the ablation variants)."""
+    pattern = re.compile(rf"{re.escape(setting)}-{re.escape(method)}-s(\d+)")
+    return {int(m.group(1)): r["final_test_loss"] for n, r in rows.items()
+            if (m := pattern.fullmatch(n)) and r["final_test_loss"] is not None}
+
+
 def paired_differences(rows: dict[str, dict], setting: str, pair: tuple[str, str]) -> dict | None:
     """Final test loss of ``pair[0]`` minus ``pair[1]`` on every seed both finished (None if none).
 
@@ -146,12 +153,7 @@ def paired_differences(rows: dict[str, dict], setting: str, pair: tuple[str, str
     than methods differ on one seed; the per-seed difference is the comparison that can show a method
     effect.
     """
-    def finals(method: str) -> dict[int, float]:
-        pattern = re.compile(rf"{re.escape(setting)}-{re.escape(method)}-s(\d+)")
-        return {int(m.group(1)): r["final_test_loss"] for n, r in rows.items()
-                if (m := pattern.fullmatch(n)) and r["final_test_loss"] is not None}
-
-    first, second = finals(pair[0]), finals(pair[1])
+    first, second = seed_finals(rows, setting, pair[0]), seed_finals(rows, setting, pair[1])
     per_seed = {s: first[s] - second[s] for s in sorted(first.keys() & second.keys())}
     if not per_seed:
         return None
@@ -194,8 +196,7 @@ def report(profile: str) -> str:
     seeds = {}
     for setting, pair in KEY_PAIRS.items():
         for method in pair:
-            finals = [rows[n]["final_test_loss"] for n in rows
-                      if n.startswith(f"{setting}-{method}-s") and rows[n]["final_test_loss"] is not None]
+            finals = list(seed_finals(rows, setting, method).values())
             if len(finals) > 1:
                 seeds[f"{setting}-{method}"] = {"n": len(finals), "mean": mean(finals), "std": stdev(finals),
                                                 "finals": finals}

@@ -80,17 +80,19 @@ def _head_tokens(tokenizer, text: str, cutoff: int) -> tuple[list[int], list[tup
     prefix gives ``cutoff`` tokens, they are the whole text's first ``cutoff``; otherwise a prefix
     twice as long is tried, up to the whole text.
     """
-    chars = cutoff * _CHARS_PER_TOKEN_GUESS
-    while chars < len(text) and _splits_at_spaces(tokenizer):
-        ends = [m.end() for m in _WORD_END.finditer(text, chars // 2, chars)]
-        if ends:
-            encoded = tokenizer(text[:ends[-1]], add_special_tokens=False, return_offsets_mapping=True,
-                                truncation=True, max_length=cutoff)
-            if len(encoded["input_ids"]) >= cutoff:
-                return encoded["input_ids"], encoded["offset_mapping"]
-        chars *= 2
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=cutoff)
-    return encoded["input_ids"], encoded["offset_mapping"]
+    def head(prefix: str) -> tuple[list[int], list[tuple[int, int]]]:
+        encoded = tokenizer(prefix, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                            max_length=cutoff)
+        return encoded["input_ids"], encoded["offset_mapping"]
+
+    if _splits_at_spaces(tokenizer):
+        chars = cutoff * _CHARS_PER_TOKEN_GUESS
+        while chars < len(text):
+            ends = [m.end() for m in _WORD_END.finditer(text, chars // 2, chars)]
+            if ends and len((found := head(text[:ends[-1]]))[0]) >= cutoff:
+                return found
+            chars *= 2
+    return head(text)
 
 
 def encode(tokenizer, record: Record, cutoff: int) -> Example | None:
