@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from flora.lora.aggregate import aggregate, aggregation_error
+from flora.lora.aggregate import aggregation_error
+from flora.lora.methods import aggregate
 from flora.lora.factors import client_weights
 from flora.lora.refactor import refactorize, smallest_exact_form
 

@@ -48,37 +48,24 @@ def cpu_peak_flops() -> tuple[float, str]:
 
 
 def run(config: RunConfig, engine: str) -> tuple[list[dict], float]:
-    from flora.federation import FederationClient, clear_assets
+    from flora.engines import run as run_engine
 
     started = time.perf_counter()
-    if engine == "local":
-        from flora.runner import run_in_process
-        metrics = run_in_process(config, progress=lambda _: None)
-    else:
-        from flora.cli import run_flower_simulation
-        from flora.report import read_metrics
-        run_flower_simulation(config, progress=lambda _: None)
-        metrics = read_metrics(Path(config.out_dir))
-    wall = time.perf_counter() - started
-    clear_assets()
-    FederationClient._states.clear()
-    return metrics, wall
+    metrics = run_engine(config, engine, progress=lambda _: None)
+    return metrics, time.perf_counter() - started
 
 
 def profile_round(config: RunConfig) -> list[dict]:
     """pyinstrument over one in-process round: the frames with the most own time (top 12)."""
     from pyinstrument import Profiler
 
-    from flora.federation import FederationClient, clear_assets
-    from flora.runner import run_in_process
+    from flora.engines import run_in_process
 
     profiler = Profiler(interval=0.005)
     profiler.start()
     run_in_process(RunConfig(**{**config.to_dict(), "rounds": 1, "out_dir": config.out_dir + "-profile"}),
                    progress=lambda _: None)
     profiler.stop()
-    clear_assets()
-    FederationClient._states.clear()
     totals: dict[str, float] = {}
 
     def walk(frame) -> None:  # own time per function; pyinstrument keeps it in synthetic "[self]" children
@@ -132,7 +119,7 @@ def measure(base: dict, out: str, clients: int, ranks: list[int], rounds: int) -
     later = lambda engine, key: [r[key] for r in results[engine]["rounds"][1:]]  # noqa: E731
     local_s, flower_s = median(later("local", "seconds")), median(later("flower", "seconds"))
     from flora.models.loader import load_model
-    from flora.train import layer_shapes
+    from flora.modeling import layer_shapes
     loaded = load_model("embedded")
     linear_params = sum(o * i for o, i in layer_shapes(loaded.model, RunConfig().targets).values())
     tokens_per_s = sum(later("local", "train_tokens")) / sum(later("local", "train_seconds"))

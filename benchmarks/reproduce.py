@@ -90,15 +90,12 @@ def summary_dir(profile: str) -> Path:
 
 def run_one(name: str, config: RunConfig, mmlu: int, profile: str, quiet: bool) -> dict:
     from flora.compare import evaluate_final_mmlu
-    from flora.federation import FederationClient, clear_assets
+    from flora.engines import run
     from flora.report import read_metrics
-    from flora.runner import run_in_process
 
     started = time.perf_counter()
-    run_in_process(config, progress=(lambda _: None) if quiet else print)
+    run(config, "local", progress=(lambda _: None) if quiet else print)  # each run starts from the base weights
     wall = time.perf_counter() - started
-    clear_assets()  # the next run starts from the base weights again
-    FederationClient._states.clear()
     summary = {"name": name, "config": config.to_dict(), "wall_seconds": wall,
                "metrics": read_metrics(Path(config.out_dir))}
     if mmlu:

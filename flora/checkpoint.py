@@ -28,8 +28,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from flora.codec import update_from_tensors, update_to_tensors
 from flora.config import RunConfig
-from flora.federation import RoundUpdate, update_from_tensors, update_to_tensors
+from flora.rounds import GlobalState, RoundUpdate
 
 FORMAT_VERSION = 1
 # Keys that may change between a stopped run and its resumption; any other change is refused.
@@ -121,18 +122,18 @@ def load_run_model(out_dir: str | Path, client: int = 0):
 
     Returns ``(LoadedModel, RunConfig, Checkpoint)``.
     """
-    from flora.federation import GlobalState
     from flora.models.loader import load_model
-    from flora.train import merge_update
+    from flora.modeling import merge_update
 
     checkpoint = read_checkpoint(out_dir)
     config = RunConfig.from_dict(checkpoint.config, f"{checkpoint_dir(out_dir) / 'state.json'}")
     loaded = load_model(config.model)
     state = GlobalState(loaded.model)
     state.apply(checkpoint.updates, 0)
-    adapter = state.client_adapters.get(client) if config.method == "standalone" else state.adapter
-    if config.method == "standalone" and adapter is None:
-        raise CheckpointError(f"{out_dir}: standalone run has no adapter for client {client} "
+    per_client = config.spec.per_client_models
+    adapter = state.adapter_of(client, per_client)
+    if per_client and adapter is None:
+        raise CheckpointError(f"{out_dir}: {config.method} run has no adapter for client {client} "
                               f"(clients: {sorted(state.client_adapters)})")
     if adapter:
         merge_update(loaded.model, {name: B @ A for name, (A, B) in adapter.items()})

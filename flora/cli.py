@@ -15,37 +15,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def _run(args) -> int:
     from flora.config import load_config
+    from flora.engines import run
     from flora.report import write_report
 
     config = load_config(args.config, args.set)
-    progress = (lambda _: None) if args.quiet else print
-    if args.engine == "local":
-        from flora.runner import run_in_process
-        run_in_process(config, progress=progress, resume=args.resume)
-    else:
-        run_flower_simulation(config, resume=args.resume, progress=progress)
+    run(config, args.engine, resume=args.resume, progress=(lambda _: None) if args.quiet else print)
     print(write_report(Path(config.out_dir)))
     return 0
-
-
-def run_flower_simulation(config, resume: bool = False, progress=print) -> None:
-    """A Flower simulation (Ray backend) of ``config``: one SuperNode per client."""
-    import logging
-
-    from flwr.simulation import run_simulation
-
-    from flora.client_app import app as client_app
-    from flora.server_app import make_server_app
-
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    num_nodes = config.num_partitions
-    cpus = os.cpu_count() or 1
-    run_simulation(server_app=make_server_app(config, resume, progress), client_app=client_app,
-                   num_supernodes=num_nodes,
-                   backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": cpus, "log_to_driver": True}})
-    if not (Path(config.out_dir) / "metrics.jsonl").read_text().strip():
-        raise SystemExit("flora run: the Flower simulation wrote no rounds; see the log above")
 
 
 def _eval(args) -> int:
@@ -70,12 +46,15 @@ def _report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flora.engines import ENGINES
+    from flora.lora.methods import METHODS
+
     parser = argparse.ArgumentParser(prog="flora", description="Federated LoRA fine-tuning with exact stacking.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federation (Flower simulation by default)")
     run.add_argument("--config", help="TOML run config (see configs/)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    run.add_argument("--engine", choices=["flower", "local"], default="flower",
+    run.add_argument("--engine", choices=ENGINES, default="flower",
                      help="flower: Flower simulation (Ray); local: the same logic in this process")
     run.add_argument("--quiet", action="store_true", help="no per-client/per-round progress lines (CI logs)")
     run.add_argument("--resume", action="store_true",
@@ -105,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="run several methods with one config; table + plots")
     cmp.add_argument("--config", help="TOML run config shared by every run")
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    cmp.add_argument("--methods", default="flora,fedit,zeropad,flexlora,ffa,fedex,centralized,standalone",
+    cmp.add_argument("--methods", default=",".join(METHODS),
                      help="comma list; equal-rank methods get the homogeneous rank")
     cmp.add_argument("--settings", default="homogeneous,heterogeneous",
                      help="rank settings: homogeneous (every client --homogeneous-rank) and/or heterogeneous "
                           "(the config's ranks)")
     cmp.add_argument("--homogeneous-rank", type=int, default=16)
     cmp.add_argument("--mmlu", type=int, default=0, metavar="N", help="MMLU cloze questions per final model (0 = skip)")
-    cmp.add_argument("--engine", choices=["flower", "local"], default="local")
+    cmp.add_argument("--engine", choices=ENGINES, default="local")
     cmp.add_argument("--out", required=True, help="directory for the runs, compare.md/json and plots")
     cmp.add_argument("--quiet", action="store_true")
     cmp.set_defaults(func=_compare)

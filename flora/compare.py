@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 from flora.config import RunConfig, load_config
-
-EQUAL_RANK_METHODS = ("fedit", "ffa", "fedex")
+from flora.lora.methods import METHODS
 
 
 def plan_runs(base: RunConfig, methods: list[str], settings: list[str], homogeneous_rank: int
@@ -30,7 +29,7 @@ def plan_runs(base: RunConfig, methods: list[str], settings: list[str], homogene
         if setting == "heterogeneous" and len(set(ranks)) == 1:
             continue  # identical to the homogeneous setting
         for method in methods:
-            if setting == "heterogeneous" and method in EQUAL_RANK_METHODS:
+            if setting == "heterogeneous" and method in METHODS and METHODS[method].equal_ranks:
                 continue
             name = f"{setting}-{method}"
             runs.append((name, dataclasses.replace(base, method=method, ranks=ranks,
@@ -39,7 +38,7 @@ def plan_runs(base: RunConfig, methods: list[str], settings: list[str], homogene
 
 
 def compare_command(args) -> list[dict]:
-    from flora.federation import FederationClient, clear_assets
+    from flora.engines import run
     from flora.report import write_compare_report
 
     out = Path(args.out)
@@ -51,16 +50,9 @@ def compare_command(args) -> list[dict]:
     for index, (name, config) in enumerate(runs, start=1):
         print(f"[compare] {index}/{len(runs)} {name}: ranks {config.ranks}")
         started = time.perf_counter()
-        if args.engine == "local":
-            from flora.runner import run_in_process
-            run_in_process(config, progress=progress)
-        else:
-            from flora.cli import run_flower_simulation
-            run_flower_simulation(config, progress=progress)
+        run(config, args.engine, progress=progress)  # each run starts from the base weights
         wall = time.perf_counter() - started
         (Path(config.out_dir) / "wall.json").write_text(json.dumps({"wall_seconds": wall}))
-        clear_assets()  # the next run starts from the base weights again
-        FederationClient._states.clear()
         if args.mmlu:
             evaluate_final_mmlu(config, args.mmlu, quiet=args.quiet)
     table = write_compare_report(out)
@@ -73,7 +65,7 @@ def evaluate_final_mmlu(config: RunConfig, n: int, quiet: bool = False) -> dict:
     from flora.checkpoint import load_run_model
     from flora.eval.runner import run_mmlu
 
-    clients = range(config.num_clients) if config.method == "standalone" else [0]
+    clients = range(config.num_clients) if config.spec.per_client_models else [0]
     results = []
     for client in clients:
         loaded, _, _ = load_run_model(config.out_dir, client=client)

@@ -10,11 +10,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flora.lora.aggregate import METHODS
+from flora.adapters import ADAPTER_KINDS, DEFAULT_TARGETS
+from flora.lora.methods import METHODS, MethodSpec
 
-RUN_MODES = ("centralized", "standalone")
-ALL_METHODS = METHODS + RUN_MODES
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class ConfigError(ValueError):
@@ -74,17 +72,22 @@ class RunConfig:
         self.validate()
 
     @property
+    def spec(self) -> MethodSpec:
+        """The method's registry entry (``flora/lora/methods.py``)."""
+        return METHODS[self.method]
+
+    @property
     def num_partitions(self) -> int:
-        """Training partitions (= clients): ``centralized`` pools all data into one."""
-        return 1 if self.method == "centralized" else self.num_clients
+        """Training partitions (= clients): a pooled run mode (``centralized``) holds all data in one."""
+        return 1 if self.spec.pooled else self.num_clients
 
     @property
     def dp_enabled(self) -> bool:
         return self.dp_noise_multiplier > 0
 
     def client_rank(self, client: int) -> int:
-        """The (initial) LoRA rank client ``client`` trains at; ``centralized``: the largest rank."""
-        if self.method == "centralized":
+        """The (initial) LoRA rank client ``client`` trains at; a pooled run (``centralized``): the largest."""
+        if self.spec.pooled:
             return max(self.ranks)
         return self.ranks[0] if len(self.ranks) == 1 else self.ranks[client]
 
@@ -92,8 +95,8 @@ class RunConfig:
         return self.adapters[0] if len(self.adapters) == 1 else self.adapters[client]
 
     def validate(self) -> None:
-        if self.method not in ALL_METHODS:
-            raise ConfigError(f"method = {self.method!r}: expected one of {', '.join(ALL_METHODS)}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method = {self.method!r}: expected one of {', '.join(METHODS)}")
         for key in ("num_clients", "rounds", "local_steps", "batch_size", "micro_batch_size", "cutoff", "min_clients"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} = {getattr(self, key)}: expected an integer >= 1")
@@ -101,7 +104,7 @@ class RunConfig:
             raise ConfigError(f"ranks = {self.ranks}: expected ranks >= 1 (one for all, or one per client)")
         if len(self.ranks) not in (1, self.num_clients):
             raise ConfigError(f"ranks = {self.ranks}: expected 1 or num_clients = {self.num_clients} values")
-        if self.method in ("fedit", "ffa", "fedex") and len(set(self.ranks)) > 1:
+        if self.spec.equal_ranks and len(set(self.ranks)) > 1:
             raise ConfigError(f"method = {self.method!r} needs equal ranks, got ranks = {self.ranks}")
         if not 0 < self.sample_fraction <= 1:
             raise ConfigError(f"sample_fraction = {self.sample_fraction}: expected a value in (0, 1]")
@@ -116,10 +119,11 @@ class RunConfig:
                               f"or dense")
         if not self.lr > 0 or not self.alpha_per_rank > 0 or not 0 <= self.dropout < 1:
             raise ConfigError("lr and alpha_per_rank must be > 0 and dropout in [0, 1)")
-        if any(a not in ("lora", "adalora") for a in self.adapters) or len(self.adapters) not in (1, self.num_clients):
+        if any(a not in ADAPTER_KINDS for a in self.adapters) or len(self.adapters) not in (1, self.num_clients):
             raise ConfigError(f"adapters = {self.adapters}: expected 'lora' / 'adalora', one for all or one per client")
-        if "adalora" in self.adapters and self.method not in ("flora", "centralized"):
-            raise ConfigError(f"adapters = {self.adapters}: AdaLoRA clients need method 'flora' or 'centralized' "
+        if any(not ADAPTER_KINDS[a].accepts_init_factors for a in self.adapters) and not self.spec.fresh_adapters:
+            fresh = " or ".join(repr(n) for n, s in METHODS.items() if s.fresh_adapters)
+            raise ConfigError(f"adapters = {self.adapters}: AdaLoRA clients need method {fresh} "
                               f"(fresh adapters every round), got {self.method!r}")
         if not (0 <= self.adalora_warmup and 0 <= self.adalora_final and self.adalora_warmup + self.adalora_final < 1):
             raise ConfigError(f"adalora_warmup = {self.adalora_warmup}, adalora_final = {self.adalora_final}: "
@@ -144,9 +148,10 @@ class RunConfig:
             raise ConfigError(f"dp_broadcast_rank = {self.dp_broadcast_rank}: expected >= 0 (0 = sum of the ranks)")
         if not self.dp_enabled:
             return
-        if self.method != "flora":
+        if not self.spec.private:
+            private = ", ".join(repr(n) for n, s in METHODS.items() if s.private)
             raise ConfigError(f"dp_noise_multiplier = {self.dp_noise_multiplier}: differential privacy is "
-                              f"implemented for method 'flora', got {self.method!r}")
+                              f"implemented for method {private}, got {self.method!r}")
         if not self.dp_clip_norm > 0:
             raise ConfigError(f"dp_clip_norm = {self.dp_clip_norm}: differential privacy needs a clip norm > 0 "
                               f"(it bounds each client's influence)")

@@ -1,18 +1,18 @@
-"""Run a federation and write its results: ``OUT/metrics.jsonl``, ``OUT/config.toml``, ``OUT/partition.json``."""
+"""Start (or resume) a run's server and write its results: ``OUT/metrics.jsonl``, ``OUT/config.toml``,
+``OUT/partition.json``, the checkpoint. The engines (``engines.py``) drive the rounds."""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from flora.checkpoint import checkpoint_dir, load_checkpoint, record_to_json, save_round
 from flora.config import RunConfig, save_config
-from flora.federation import ClientReply, FederationClient, FederationServer, load_assets, round_clients
+from flora.runtime import Runtime
+from flora.server import FederationServer
+
 
 class ResultsWriter:
     """Creates the out dir, saves config and partition report; after every round writes the checkpoint,
@@ -41,19 +41,16 @@ def _json_line(record: dict) -> str:
     return json.dumps(record_to_json(record)) + "\n"
 
 
-def server_for(config: RunConfig) -> FederationServer:
-    """A server with its own copy of the model (clients in this process share the cached one)."""
-    assets = load_assets(config)
-    server_assets = dataclasses.replace(assets, model=copy.deepcopy(assets.model))
-    server_assets._encoded = assets._encoded  # share tokenised examples, not weights
-    return FederationServer(config, server_assets)
+def server_for(config: RunConfig, runtime: Runtime) -> FederationServer:
+    """A server with its own copy of the model (clients in the same runtime share the cached one)."""
+    return FederationServer(config, runtime.server_assets(config))
 
 
-def start_run(config: RunConfig, resume: bool = False, progress: Callable[[str], None] = print
+def start_run(config: RunConfig, runtime: Runtime, resume: bool = False, progress: Callable[[str], None] = print
               ) -> tuple[FederationServer, ResultsWriter]:
     """Server and results writer for a new run, or for one resumed from ``OUT/checkpoint``."""
     checkpoint = load_checkpoint(config.out_dir, config) if resume else None
-    server = server_for(config)  # model, data and partition first: bad input fails before anything is replaced
+    server = server_for(config, runtime)  # model, data and partition first: bad input fails before anything is replaced
     stale = checkpoint_dir(config.out_dir)
     if not resume and stale.exists():  # a fresh run must not leave another run's rounds to be resumed
         progress(f"[flora] {config.out_dir} holds an earlier run's checkpoint: starting fresh "
@@ -70,38 +67,6 @@ def start_run(config: RunConfig, resume: bool = False, progress: Callable[[str],
     else:
         progress(f"{header}; initial test loss {server.evaluate():.4f}")
     return server, writer
-
-
-def run_in_process(config: RunConfig, progress: Callable[[str], None] = print,
-                   fail: Callable[[int, int], bool] | None = None, resume: bool = False) -> list[dict]:
-    """All rounds in this process (no Flower): the reference the Flower run is checked against.
-
-    ``fail(round, client)`` returning True makes that client error in that round (dropout tests).
-    ``resume`` continues from ``OUT/checkpoint``.
-    """
-    server, writer = start_run(config, resume, progress)
-    client = FederationClient(config)
-    num_clients = config.num_partitions
-    for round_ in range(len(server.history) + 1, config.rounds + 1):
-        started = time.perf_counter()
-        replies, bytes_down = [], 0
-        for k in round_clients(config, num_clients, round_):
-            node = f"node-{k}"
-            first, updates = server.updates_for(node)
-            rank = config.client_rank(k)
-            bytes_down += server.download_bytes(node, rank)
-            if fail is not None and fail(round_, k):
-                replies.append(ClientReply(client=k, node=node, factors=None, error="injected failure",
-                                           applied=server.node_applied.get(node, 0)))
-                continue
-            reply = client.train(k, node, round_, first, updates)
-            progress(f"  round {round_} client {k} (rank {rank}): train loss {reply.train_loss:.4f}, "
-                     f"{reply.tokens / max(reply.seconds, 1e-9):.0f} tok/s")
-            replies.append(reply)
-        record = server.aggregate_round(round_, replies, bytes_down, started)
-        writer.round_done(server)
-        progress(format_round(record))
-    return server.metrics
 
 
 def format_round(record: dict) -> str:

@@ -7,11 +7,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from flora.config import RunConfig
 from flora.runner import start_run
+from flora.runtime import Runtime
 from flora.strategy import FloraStrategy, config_from_run_config
 
 
 def run_server(grid: Grid, config: RunConfig, resume: bool = False, progress=print) -> list[dict]:
-    server, writer = start_run(config, resume, progress)
+    server, writer = start_run(config, Runtime(), resume, progress)  # the server's own assets, loaded per run
     remaining = config.rounds - len(server.history)
     if remaining > 0:
         strategy = FloraStrategy(config, server, writer, progress)

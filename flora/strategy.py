@@ -1,6 +1,6 @@
 """Flower skin, server side: a Message-API Strategy that delegates to :class:`FederationServer`.
 
-Wire format (``ArrayRecord`` key → tensor, ``ConfigRecord`` for the metadata):
+Wire format (``ArrayRecord`` key → tensor, keys of ``flora/codec.py``; ``ConfigRecord`` for the metadata):
 
 * server → client: ``u{i}.m.{layer}.A|B`` (merge factors) or ``u{i}.m.{layer}.D`` (dense merge),
   ``u{i}.a.{layer}.A|B`` (adapter, truncated to the node's rank where the method truncates);
@@ -16,48 +16,17 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from flora.codec import factors_from_tensors, updates_to_tensors
 from flora.config import RunConfig
-from flora.federation import (ClientReply, FederationServer, RoundUpdate, round_clients, update_from_tensors,
-                              update_to_tensors)
+from flora.rounds import ClientReply
 from flora.runner import ResultsWriter, format_round
+from flora.server import FederationServer, round_clients
 
 log = logging.getLogger("flora")
-
-
-# --- codec (shared with client_app) --------------------------------------------------------------
-
-def encode_updates(updates: Sequence[RoundUpdate], first_index: int, rank: int | None) -> ArrayRecord:
-    tensors: dict[str, torch.Tensor] = {}
-    for i, update in enumerate(updates, start=first_index):
-        wire = update_to_tensors(update, rank, with_client_adapters=False)
-        tensors.update({f"u{i}.{key}": value for key, value in wire.items()})
-    return ArrayRecord(torch_state_dict=tensors)
-
-
-def decode_updates(arrays: ArrayRecord, first_index: int, count: int) -> list[RoundUpdate]:
-    state = arrays.to_torch_state_dict() if len(arrays) else {}
-    grouped: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
-    for key, tensor in state.items():
-        head, rest = key.split(".", 1)
-        grouped[int(head[1:]) - first_index][rest] = tensor
-    return [update_from_tensors(tensors) for tensors in grouped]
-
-
-def encode_factors(factors: dict) -> ArrayRecord:
-    tensors = {}
-    for name, (A, B) in factors.items():
-        tensors[f"{name}.A"], tensors[f"{name}.B"] = A.contiguous(), B.contiguous()
-    return ArrayRecord(torch_state_dict=tensors)
-
-
-def decode_factors(arrays: ArrayRecord) -> dict:
-    state = arrays.to_torch_state_dict()
-    return {name[:-2]: (state[name], state[name[:-2] + ".B"]) for name in state if name.endswith(".A")}
 
 
 # --- strategy ----------------------------------------------------------------------------------
@@ -85,7 +54,7 @@ class FloraStrategy(FedAvg):
         server_round = len(self.server.history) + 1
         self._round_started = time.perf_counter()
         node_ids = sorted(grid.get_node_ids())
-        if self.config.method == "centralized":
+        if self.config.spec.pooled:
             node_ids = node_ids[:1]  # one client holds all the training data
         chosen = [node_ids[i] for i in round_clients(self.config, len(node_ids), server_round)]
         messages, self._bytes_down = [], 0
@@ -93,7 +62,7 @@ class FloraStrategy(FedAvg):
             node = str(node_id)
             first, updates = self.server.updates_for(node)
             rank = self.node_rank.get(node)
-            payload = encode_updates(updates, first, rank)
+            payload = ArrayRecord(torch_state_dict=updates_to_tensors(updates, first, rank))
             self._bytes_down += payload.count_bytes()
             meta = ConfigRecord({"flora-config": self.config.to_json(), "first-index": first,
                                  "num-updates": len(updates), "server-round": server_round,
@@ -122,7 +91,7 @@ class FloraStrategy(FedAvg):
             client, error = int(meta["partition-id"]), str(meta["error"]) or None
             self.node_rank[node] = int(meta["rank"])
             self.node_client[node] = client
-            factors = None if error else decode_factors(message.content["arrays"])
+            factors = None if error else factors_from_tensors(message.content["arrays"].to_torch_state_dict())
             parsed.append(ClientReply(client=client, node=node, factors=factors,
                                       num_examples=int(metrics["num-examples"]),
                                       train_loss=float(metrics["train-loss"]), tokens=int(metrics["tokens"]),

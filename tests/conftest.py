@@ -80,15 +80,11 @@ def assets_dir(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture
-def fresh_assets():
-    """Empty the per-process model/data cache and the clients' global states around a test."""
-    from flora.federation import FederationClient, clear_assets
+def runtime():
+    """A fresh runtime (loaded assets + client global states) for one test: it starts from the base weights."""
+    from flora.runtime import Runtime
 
-    clear_assets()
-    FederationClient._states.clear()
-    yield
-    clear_assets()
-    FederationClient._states.clear()
+    return Runtime()
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flora.lora.aggregate import METHODS, aggregate, aggregation_error, reference_delta
+from flora.lora.aggregate import aggregation_error, reference_delta
 from flora.lora.factors import InvalidUpdateError, client_weights, lora_scaling, normalize_weights
+from flora.lora.methods import AGGREGATION_METHODS, METHODS, aggregate
 
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
 
@@ -131,12 +132,27 @@ def test_flexlora_is_exact_globally_and_eckart_young_per_client(fed):
             assert result.truncation_error[k][name] == pytest.approx(expected_tail, abs=1e-3)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_all_methods_return_full_update_shapes(method):
-    updates = make_updates([3, 3], LAYERS, shared_a=(method == "ffa"))
-    result = aggregate(method, updates, [1, 1])
+@pytest.mark.parametrize("method", AGGREGATION_METHODS)
+def test_registry_exactness_matches_the_measured_error(method):
+    """What the registry claims (``exact``) is what the rule does, on random equal-rank updates (shared A
+    where the method freezes it): exact ⇔ ‖Δ − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖ ≤ 1e-10 in float64."""
+    spec = METHODS[method]
+    updates = make_updates([3, 3, 3], LAYERS, shared_a=spec.freeze_a, seed=7)
+    weights = [1.0, 2.0, 3.0]
+    result = aggregate(method, updates, weights)
     for name, (o, i) in LAYERS.items():
         assert result.delta(name).shape == (o, i)
+    error = aggregation_error(result, updates, weights)["overall"]
+    assert (error <= 1e-10) == spec.exact, (method, error)
+
+
+def test_registry_is_consistent():
+    for name, spec in METHODS.items():
+        assert spec.name == name
+        assert (spec.aggregate is None) == spec.per_client_models  # only standalone skips aggregation
+        if spec.truncates:
+            assert not spec.equal_ranks  # truncation exists to serve mixed ranks
+    assert set(AGGREGATION_METHODS) == {"flora", "fedit", "zeropad", "flexlora", "ffa", "fedex"}
 
 
 def test_weights_by_examples_and_uniform():
@@ -197,10 +213,15 @@ def test_rejects_bad_weights(weights, message):
         aggregate("flora", make_updates([2, 2], LAYERS), weights)
 
 
-@pytest.mark.parametrize("method", ["fedit", "ffa", "fedex"])
-def test_equal_rank_methods_reject_mixed_ranks(method):
-    with pytest.raises(ValueError, match=rf"{method}: needs equal ranks.*\[4, 2\]"):
-        aggregate(method, make_updates([4, 2], LAYERS), [1, 1])
+@pytest.mark.parametrize("method", AGGREGATION_METHODS)
+def test_equal_rank_methods_reject_mixed_ranks_others_accept_them(method):
+    updates = make_updates([4, 2], LAYERS)
+    if METHODS[method].equal_ranks:
+        with pytest.raises(ValueError, match=rf"{method}: needs equal ranks.*\[4, 2\]"):
+            aggregate(method, updates, [1, 1])
+    else:
+        result = aggregate(method, updates, [1, 1])
+        assert set(result.global_factors) == set(LAYERS)
 
 
 def test_ffa_rejects_clients_with_different_a():
@@ -209,5 +230,5 @@ def test_ffa_rejects_clients_with_different_a():
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError, match="unknown aggregation method 'fedavg'.*flora"):
+    with pytest.raises(ValueError, match="unknown method 'fedavg'.*flora"):
         aggregate("fedavg", make_updates([2], LAYERS), [1])

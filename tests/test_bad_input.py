@@ -24,12 +24,11 @@ from flora.cli import main
 from flora.data.formats import DataError
 from flora.data.sources import convert_rows, load_records, recover_json_array
 from flora.eval.mmlu import load_mmlu
-from flora.federation import FederationClient, clear_assets
+from flora.client import FederationClient
 from flora.runner import server_for
 from test_federation import tiny_config
 
 
-pytestmark = pytest.mark.usefixtures("fresh_assets")  # conftest: every test starts from the base weights
 
 
 def _snapshot(directory: Path) -> dict[str, str]:
@@ -47,8 +46,6 @@ def finished_run(assets_dir, tmp_path_factory):
                   dropout=0.0, out_dir=str(root / "out"))
     config = root / "run.toml"
     config.write_text(tomli_w.dumps({"run": values}))
-    clear_assets()
-    FederationClient._states.clear()
     assert main(["run", "--config", str(config), "--engine", "local", "--quiet"]) == 0
     return config, root / "out"
 
@@ -157,10 +154,10 @@ def _corrupt(factors: dict, kind: str) -> None:
     ("rank above the layer", "rank 40 exceeds"), ("missing layer", "layer set differs"),
     ("huge norm", "exceeds the bound"),
 ])
-def test_bad_update_is_rejected_logged_and_round_goes_on(assets_dir, tmp_path, caplog, kind, expected):
+def test_bad_update_is_rejected_logged_and_round_goes_on(assets_dir, tmp_path, caplog, runtime, kind, expected):
     config = tiny_config(assets_dir, tmp_path, rounds=1, max_update_norm=50.0)
-    server = server_for(config)
-    client = FederationClient(config)
+    server = server_for(config, runtime)
+    client = FederationClient(config, runtime)
     replies = [client.train(k, f"node-{k}", 1, *server.updates_for(f"node-{k}")) for k in range(3)]
     _corrupt(replies[1].factors, kind)
     record = server.aggregate_round(1, replies, 0, 0.0)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from flora.data.formats import DataError, Record, detect_format
 from flora.data.partition import partition, proxy_label
 from flora.data.sources import load_records, read_rows, recover_json_array
-from flora.data.tokenize import IGNORE_INDEX, encode, encode_whole_text, pack
+from flora.data.tokenize import IGNORE_INDEX, encode, encode_whole_text
 
 ROWS = {
     "sharegpt": [{"id": "a", "conversations": [{"from": "system", "value": "Be brief."},
@@ -231,10 +231,3 @@ def test_encode_matches_whole_text_tokenisation_on_embedded_sharegpt(cutoff):
     records, _ = load_records("embedded")
     for record in records[:: max(1, len(records) // 300)]:  # ~300 conversations spread over the file
         assert encode(tokenizer, record, cutoff) == encode_whole_text(tokenizer, record, cutoff)
-
-
-def test_pack(tiny_tokenizer, records):
-    examples = [encode(tiny_tokenizer, r, 512) for r in records[:6]]
-    packed = pack(examples, 32)
-    assert all(len(e.input_ids) == 32 for e in packed[:-1])
-    assert sum(len(e.input_ids) for e in packed) <= sum(len(e.input_ids) for e in examples)

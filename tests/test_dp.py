@@ -8,14 +8,12 @@ import pytest
 import torch
 
 from flora.config import ConfigError
-from flora.federation import FederationClient, clear_assets
 from flora.lora.dp import (DPSpec, clip_updates, noise_generator, noisy_layer_mean, poisson_sample, privacy_spent,
                            truncate_dense)
 from flora.lora.robust import update_norm
-from flora.runner import run_in_process
+from flora.engines import run_in_process
 from test_federation import tiny_config
 
-pytestmark = pytest.mark.usefixtures("fresh_assets")  # conftest: every test starts from the base weights
 
 
 def _update(seed: int, shapes: dict[str, tuple[int, int]], rank: int, scale: float = 1.0) -> dict:
@@ -108,9 +106,7 @@ def test_accountant_grows_with_rounds_and_shrinks_with_noise_and_sampling():
 
 def _run(assets_dir, tmp_path, name, **overrides):
     config = tiny_config(assets_dir, tmp_path, out_dir=str(tmp_path / name), weighting="uniform", **overrides)
-    clear_assets()
-    FederationClient._states.clear()
-    return run_in_process(config, progress=lambda _: None)
+    return run_in_process(config, progress=lambda _: None).metrics
 
 
 def test_vanishing_noise_equals_non_private_flora(assets_dir, tmp_path):

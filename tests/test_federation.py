@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 
+from flora.client import FederationClient
 from flora.config import ConfigError, RunConfig, load_config
-from flora.federation import FederationClient, clear_assets
-from flora.runner import run_in_process, server_for
+from flora.engines import run_in_process
+from flora.runner import server_for
+from flora.runtime import Runtime
 
 
 def tiny_config(assets_dir, tmp_path, **overrides) -> RunConfig:
@@ -22,16 +24,13 @@ def tiny_config(assets_dir, tmp_path, **overrides) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
-pytestmark = pytest.mark.usefixtures("fresh_assets")  # conftest: every test starts from the base weights
-
-
 @pytest.mark.parametrize("method, ranks", [
     ("flora", [4, 2, 1]), ("zeropad", [4, 2, 1]), ("flexlora", [4, 2, 1]), ("fedit", [2]), ("ffa", [2]),
     ("fedex", [2]), ("standalone", [4, 2, 1]), ("centralized", [4, 2, 1]),
 ])
 def test_every_method_runs_and_writes_metrics(assets_dir, tmp_path, method, ranks):
     config = tiny_config(assets_dir, tmp_path, method=method, ranks=ranks)
-    metrics = run_in_process(config, progress=lambda _: None)
+    metrics = run_in_process(config, progress=lambda _: None).metrics
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and [m["round"] for m in lines] == [1, 2]
     for key in ("round", "method", "aggregation_error", "train_loss", "test_loss", "bytes_up", "bytes_down",
@@ -47,26 +46,24 @@ def test_every_method_runs_and_writes_metrics(assets_dir, tmp_path, method, rank
 
 def test_flora_lowers_test_loss(assets_dir, tmp_path):
     config = tiny_config(assets_dir, tmp_path, rounds=4, local_steps=4, lr=2e-2)
-    server_initial = server_for(config).evaluate()
-    clear_assets()
-    FederationClient._states.clear()
-    metrics = run_in_process(config, progress=lambda _: None)
+    server_initial = server_for(config, Runtime()).evaluate()
+    metrics = run_in_process(config, progress=lambda _: None).metrics
     assert metrics[-1]["test_loss"] < server_initial - 0.2
 
 
 def test_dropout_round_goes_on_with_renormalised_weights(assets_dir, tmp_path, caplog):
     config = tiny_config(assets_dir, tmp_path, rounds=3)
-    metrics = run_in_process(config, progress=lambda _: None, fail=lambda r, k: r == 2 and k == 1)
+    metrics = run_in_process(config, progress=lambda _: None, fail=lambda r, k: r == 2 and k == 1).metrics
     assert [m["clients_ok"] for m in metrics] == [3, 2, 3]
     assert [m["clients_failed"] for m in metrics] == [0, 1, 0]
     assert metrics[1]["aggregation_error"] < 1e-4  # exact over the replies that arrived
     assert "client 1 (node node-1) failed: injected failure" in caplog.text
 
 
-def test_client_that_missed_rounds_catches_up_exactly(assets_dir, tmp_path):
+def test_client_that_missed_rounds_catches_up_exactly(assets_dir, tmp_path, runtime):
     config = tiny_config(assets_dir, tmp_path, rounds=3)
-    server = server_for(config)
-    client = FederationClient(config)
+    server = server_for(config, runtime)
+    client = FederationClient(config, runtime)
     for round_ in range(1, 4):
         replies = []
         for k in range(3):
@@ -76,9 +73,7 @@ def test_client_that_missed_rounds_catches_up_exactly(assets_dir, tmp_path):
             replies.append(client.train(k, f"node-{k}", round_, first, updates))
         server.aggregate_round(round_, replies, 0, 0.0)
     # A brand-new process for client 2 (restarted): its state is rebuilt from the history alone.
-    FederationClient._states.clear()
-    clear_assets()
-    fresh = FederationClient(config)
+    fresh = FederationClient(config, Runtime())
     first, updates = server.updates_for("node-new")
     assert first == 0 and len(updates) == 3
     fresh.state.apply(updates, first)
@@ -87,15 +82,13 @@ def test_client_that_missed_rounds_catches_up_exactly(assets_dir, tmp_path):
         assert float((param - other).norm()) <= 1e-6 * max(float(param.norm()), 1e-12), name
 
 
-def test_stale_client_is_left_out_and_resynced(assets_dir, tmp_path):
+def test_stale_client_is_left_out_and_resynced(assets_dir, tmp_path, runtime):
     config = tiny_config(assets_dir, tmp_path, rounds=2)
-    server = server_for(config)
-    client = FederationClient(config)
+    server = server_for(config, runtime)
+    client = FederationClient(config, runtime)
     replies = [client.train(k, f"node-{k}", 1, *server.updates_for(f"node-{k}")) for k in range(3)]
     server.aggregate_round(1, replies, 0, 0.0)
-    FederationClient._states.clear()  # the client process restarted; the server thinks node-0 is in sync
-    clear_assets()
-    restarted = FederationClient(config)
+    restarted = FederationClient(config, Runtime())  # the client process restarted; the server thinks node-0 is in sync
     server.node_applied["node-0"] = 1
     reply = restarted.train(0, "node-0", 2, *server.updates_for("node-0"))
     assert reply.error.startswith("resync") and reply.applied == 0
@@ -104,10 +97,10 @@ def test_stale_client_is_left_out_and_resynced(assets_dir, tmp_path):
     assert server.updates_for("node-0")[0] == 0  # next round it gets the whole history
 
 
-def test_rejected_update_is_logged_and_round_goes_on(assets_dir, tmp_path, caplog):
+def test_rejected_update_is_logged_and_round_goes_on(assets_dir, tmp_path, caplog, runtime):
     config = tiny_config(assets_dir, tmp_path, rounds=1)
-    server = server_for(config)
-    client = FederationClient(config)
+    server = server_for(config, runtime)
+    client = FederationClient(config, runtime)
     replies = [client.train(k, f"node-{k}", 1, *server.updates_for(f"node-{k}")) for k in range(3)]
     name = next(iter(replies[1].factors))
     replies[1].factors[name][1][0, 0] = float("nan")
@@ -141,30 +134,33 @@ def test_config_file_and_overrides(tmp_path):
 
 
 def test_flower_codec_roundtrip():
-    from flora.federation import RoundUpdate
-    from flora.strategy import decode_factors, decode_updates, encode_factors, encode_updates
+    from flwr.app import ArrayRecord
+
+    from flora.codec import factors_from_tensors, factors_to_tensors, updates_from_tensors, updates_to_tensors
+    from flora.rounds import RoundUpdate
 
     A, B = torch.randn(3, 5), torch.randn(4, 3)
     updates = [RoundUpdate(round=1, merge={"l.q": (A, B), "l.k": torch.randn(4, 5)}),
                RoundUpdate(round=2, adapter={"l.q": (A, B)}, truncate=True)]
-    decoded = decode_updates(encode_updates(updates, 5, rank=2), 5, 2)
+    wire = ArrayRecord(torch_state_dict=updates_to_tensors(updates, 5, rank=2))  # through Flower's record type
+    decoded = updates_from_tensors(wire.to_torch_state_dict(), 5, 2)
     torch.testing.assert_close(decoded[0].merge["l.q"][1], B)
     torch.testing.assert_close(decoded[0].merge["l.k"], updates[0].merge["l.k"])
-    assert decoded[1].adapter["l.q"][0].shape == (2, 5)  # truncated to the node's rank
-    factors = decode_factors(encode_factors({"a.b": (A, B)}))
+    torch.testing.assert_close(decoded[1].adapter["l.q"][0], A[:2])  # truncated to the node's rank
+    torch.testing.assert_close(decoded[1].adapter["l.q"][1], B[:, :2])
+    factors = factors_from_tensors(ArrayRecord(torch_state_dict=factors_to_tensors({"a.b": (A, B)})).to_torch_state_dict())
     torch.testing.assert_close(factors["a.b"][0], A)
+    torch.testing.assert_close(factors["a.b"][1], B)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, dict(dp_noise_multiplier=0.5, dp_clip_norm=0.05, dp_noise_seed=1,
                                                weighting="uniform")], ids=["plain", "differential-privacy"])
 def test_flower_simulation_matches_in_process_run(assets_dir, tmp_path, options):
-    from flora.cli import run_flower_simulation
+    from flora.simulation import run_flower_simulation
 
     config = tiny_config(assets_dir, tmp_path / "local", **options)
-    reference = run_in_process(config, progress=lambda _: None)
-    clear_assets()
-    FederationClient._states.clear()
+    reference = run_in_process(config, progress=lambda _: None).metrics
     flower_config = tiny_config(assets_dir, tmp_path / "flower", **options)
     run_flower_simulation(flower_config)
     lines = [json.loads(x) for x in (tmp_path / "flower" / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -187,34 +183,21 @@ def _weights(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method, ranks", [("flora", [4, 2, 1]), ("zeropad", [4, 2, 1]), ("fedex", [2]),
                                            ("standalone", [4, 2, 1])])
 def test_resume_equals_uninterrupted_run(assets_dir, tmp_path, method, ranks):
-    import flora.runner as runner
-
-    servers = []
-    original = runner.server_for
-    runner_server_for = lambda config: servers.append(original(config)) or servers[-1]  # noqa: E731
     config = tiny_config(assets_dir, tmp_path / "full", method=method, ranks=ranks, rounds=3)
-    try:
-        runner.server_for = runner_server_for
-        reference = run_in_process(config, progress=lambda _: None)
-        reference_weights = _weights(servers[-1].state.model)
+    uninterrupted = run_in_process(config, progress=lambda _: None)
+    reference, reference_weights = uninterrupted.metrics, _weights(uninterrupted.state.model)
 
-        def crash(round_, client):
-            if round_ == 3 and client == 1:
-                raise Crash("killed during round 3")
-            return False
+    def crash(round_, client):
+        if round_ == 3 and client == 1:
+            raise Crash("killed during round 3")
+        return False
 
-        for fresh in (True, False):  # a new process: nothing cached
-            clear_assets()
-            FederationClient._states.clear()
-            stopped = tiny_config(assets_dir, tmp_path / "stopped", method=method, ranks=ranks, rounds=3)
-            if fresh:
-                with pytest.raises(Crash):
-                    run_in_process(stopped, progress=lambda _: None, fail=crash)
-                assert len((tmp_path / "stopped" / "out" / "metrics.jsonl").read_text().splitlines()) == 2
-                continue
-            resumed = run_in_process(stopped, progress=lambda _: None, resume=True)
-    finally:
-        runner.server_for = original
+    stopped = tiny_config(assets_dir, tmp_path / "stopped", method=method, ranks=ranks, rounds=3)
+    with pytest.raises(Crash):
+        run_in_process(stopped, progress=lambda _: None, fail=crash)
+    assert len((tmp_path / "stopped" / "out" / "metrics.jsonl").read_text().splitlines()) == 2
+    resumed_server = run_in_process(stopped, progress=lambda _: None, resume=True)  # a new process: nothing cached
+    resumed = resumed_server.metrics
     assert [m["round"] for m in resumed] == [1, 2, 3]
     for ours, theirs in zip(reference, resumed):
         for key in ("test_loss", "train_loss", "aggregation_error", "bytes_up", "clients_ok"):
@@ -224,7 +207,7 @@ def test_resume_equals_uninterrupted_run(assets_dir, tmp_path, method, ranks):
     assert resumed[2]["bytes_down"] >= reference[2]["bytes_down"]
     lines = (tmp_path / "stopped" / "out" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
-    for name, weight in _weights(servers[-1].state.model).items():
+    for name, weight in _weights(resumed_server.state.model).items():
         expected = reference_weights[name]
         assert float((weight - expected).norm()) <= 1e-6 * max(float(expected.norm()), 1e-12), name
 
@@ -266,11 +249,10 @@ def _max_abs_cosine(rows: torch.Tensor, others: torch.Tensor) -> float:
 def test_private_broadcast_reveals_no_client_factors_and_merges_like_stacking(assets_dir, tmp_path):
     weights = {}
     for form in ("private", "stacked"):
-        clear_assets()
-        FederationClient._states.clear()
+        runtime = Runtime()
         config = tiny_config(assets_dir, tmp_path / form, rounds=1, broadcast=form)
-        server = server_for(config)
-        client = FederationClient(config)
+        server = server_for(config, runtime)
+        client = FederationClient(config, runtime)
         replies = [client.train(k, f"node-{k}", 1, *server.updates_for(f"node-{k}")) for k in range(3)]
         server.aggregate_round(1, replies, 0, 0.0)
         weights[form] = _weights(server.state.model)
@@ -297,12 +279,11 @@ def test_outlier_update_is_rejected_and_model_stays_near_honest_run(assets_dir, 
     """Client 1 sends its update ×50 or a random one of the same shapes (large norm): with
     ``outlier_mad`` the server rejects it and the global model stays near the honest run."""
     def final_delta(outlier_mad: float, malicious: bool, dropped: bool = False) -> dict[str, torch.Tensor]:
-        clear_assets()
-        FederationClient._states.clear()
+        runtime = Runtime()
         config = tiny_config(assets_dir, tmp_path, rounds=1, num_clients=4, ranks=[4, 2, 2, 1], outlier_mad=outlier_mad)
-        server = server_for(config)
+        server = server_for(config, runtime)
         before = _weights(server.state.model)
-        client = FederationClient(config)
+        client = FederationClient(config, runtime)
         replies = [client.train(k, f"node-{k}", 1, *server.updates_for(f"node-{k}")) for k in range(4)]
         if malicious:
             generator = torch.Generator().manual_seed(1)
@@ -345,17 +326,9 @@ def test_robust_helpers_reference_values():
 
 @pytest.mark.parametrize("method, ranks", [("flora", [4, 2, 1]), ("fedit", [2])])
 def test_run_model_from_checkpoint_is_the_final_global_model(assets_dir, tmp_path, method, ranks):
-    import flora.runner as runner
     from flora.checkpoint import load_run_model
 
-    servers = []
-    original = runner.server_for
-    try:
-        runner.server_for = lambda config: servers.append(original(config)) or servers[-1]
-        run_in_process(tiny_config(assets_dir, tmp_path, method=method, ranks=ranks), progress=lambda _: None)
-    finally:
-        runner.server_for = original
-    state = servers[-1].state
+    state = run_in_process(tiny_config(assets_dir, tmp_path, method=method, ranks=ranks), progress=lambda _: None).state
     expected = _weights(state.model)
     for name, (A, B) in (state.adapter or {}).items():  # FedIT's final global adapter is part of the model
         expected[f"{name}.weight"] += B @ A

@@ -9,10 +9,8 @@ import torch
 
 from flora.data.tokenize import encode_all
 from flora.models.loader import ModelLoadError, check_target_modules, load_model, resolve_model_dir
-from flora.train import (
-    LoraSpec, TrainSpec, attach_adapter, detach_adapter, evaluate_loss, extract_factors, layer_shapes,
-    merge_update, train_client,
-)
+from flora.modeling import evaluate_loss, layer_shapes, merge_update
+from flora.train import LoraSpec, TrainSpec, attach_adapter, detach_adapter, extract_factors, train_client
 
 LORA = LoraSpec(rank=4, alpha=8, dropout=0.0)
 TRAIN = TrainSpec(steps=6, batch_size=4, micro_batch_size=2, lr=5e-3, seed=1)

@@ -145,25 +145,6 @@ def encode_all(tokenizer, records: Sequence[Record], cutoff: int) -> tuple[list[
     return examples, report
 
 
-def pack(examples: Sequence[Example], length: int) -> list[Example]:
-    """Concatenate examples into sequences of exactly ``length`` tokens (the last one may be shorter).
-
-    Attention is not reset at example boundaries (plain packing, as in most SFT recipes): a
-    packed example can attend to the previous one's tokens. Use it for throughput, not for
-    exact per-example losses.
-    """
-    packed, ids, labels = [], [], []
-    for example in examples:
-        ids.extend(example.input_ids)
-        labels.extend(example.labels)
-        while len(ids) >= length:
-            packed.append(Example(ids[:length], labels[:length]))
-            ids, labels = ids[length:], labels[length:]
-    if ids and any(t != IGNORE_INDEX for t in labels):
-        packed.append(Example(ids, labels))
-    return packed
-
-
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: ``input_ids``, ``attention_mask``, ``labels`` of shape (batch, T)."""
     width = max(len(e.input_ids) for e in examples)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from flora.data.tokenize import IGNORE_INDEX, Example, collate
-from flora.train import causal_lm_parts, target_token_losses
+from flora.modeling import causal_lm_parts, target_token_losses
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Server-side aggregation of client LoRA updates: one pure function per method.
 
-``aggregate(method, updates, weights, **options)`` validates the inputs and returns an
-:class:`AggregationResult`. Every method's effective global update for a layer is
+Each ``aggregate_<method>(updates, weights)`` takes validated updates and normalised weights (the
+dispatcher :func:`flora.lora.methods.aggregate` checks them, and equal ranks where the method's
+registry entry asks for them) and returns an :class:`AggregationResult`. Every method's effective
+global update for a layer is
 
     result.delta(layer) = B_g @ A_g (+ residual for FedEx-LoRA)      shape (out, in)
 
@@ -25,12 +27,12 @@ fedex      fedit + residual Σ p_k B_k A_k − B̄ Ā           yes      equal
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from flora.lora.factors import ClientUpdate, Factors, check_updates, normalize_weights, truncate_factors
+from flora.lora.factors import ClientUpdate, Factors, normalize_weights, truncate_factors
 from flora.lora.refactor import product_svd, relative_tail
 
 
@@ -51,7 +53,6 @@ class AggregationResult:
     client_factors: list[dict[str, Factors]] | None = None
     residual: dict[str, torch.Tensor] | None = None
     truncation_error: list[dict[str, float]] | None = None  # flexlora: per client, per layer
-    info: dict[str, object] = field(default_factory=dict)
 
     @property
     def layer_names(self) -> list[str]:
@@ -93,7 +94,6 @@ def aggregate_flora(updates: Sequence[ClientUpdate], weights: Sequence[float]) -
 
 def aggregate_fedit(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AggregationResult:
     """FedIT: average ``A`` and ``B`` separately (``B̄ Ā ≠ Σ p_k B_k A_k``: cross terms)."""
-    _require_equal_ranks("fedit", updates)
     averaged = {name: _average(fs, weights) for name, fs in _by_layer(updates).items()}
     return AggregationResult("fedit", list(weights), averaged)
 
@@ -151,7 +151,6 @@ def aggregate_ffa(updates: Sequence[ClientUpdate], weights: Sequence[float], a_a
     Exact because ``Σ p_k B_k A = (Σ p_k B_k) A``. Raises if the clients' ``A`` differ by more
     than ``a_atol`` (they must not have trained ``A``).
     """
-    _require_equal_ranks("ffa", updates)
     global_factors: dict[str, Factors] = {}
     for name, fs in _by_layer(updates).items():
         A_0 = fs[0][0]
@@ -169,7 +168,6 @@ def aggregate_ffa(updates: Sequence[ClientUpdate], weights: Sequence[float], a_a
 
 def aggregate_fedex(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AggregationResult:
     """FedEx-LoRA: FedIT's averages plus the dense residual ``Σ p_k B_k A_k − B̄ Ā`` (exact)."""
-    _require_equal_ranks("fedex", updates)
     global_factors: dict[str, Factors] = {}
     residual: dict[str, torch.Tensor] = {}
     for name, fs in _by_layer(updates).items():
@@ -178,41 +176,6 @@ def aggregate_fedex(updates: Sequence[ClientUpdate], weights: Sequence[float]) -
         global_factors[name] = (A_bar, B_bar)
         residual[name] = B_s @ A_s - B_bar @ A_bar
     return AggregationResult("fedex", list(weights), global_factors, residual=residual)
-
-
-Aggregator = Callable[..., AggregationResult]
-
-AGGREGATORS: dict[str, Aggregator] = {
-    "flora": aggregate_flora,
-    "fedit": aggregate_fedit,
-    "zeropad": aggregate_zeropad,
-    "flexlora": aggregate_flexlora,
-    "ffa": aggregate_ffa,
-    "fedex": aggregate_fedex,
-}
-METHODS: tuple[str, ...] = tuple(AGGREGATORS)
-EXACT_METHODS: frozenset[str] = frozenset({"flora", "flexlora", "ffa", "fedex"})
-EQUAL_RANK_METHODS: frozenset[str] = frozenset({"fedit", "ffa", "fedex"})
-
-
-def aggregate(
-    method: str,
-    updates: Sequence[ClientUpdate],
-    weights: Sequence[float],
-    layer_shapes: Mapping[str, tuple[int, int]] | None = None,
-    **options,
-) -> AggregationResult:
-    """Validate and aggregate client updates with ``method`` (one of :data:`METHODS`).
-
-    ``updates[k] = {layer: (A_k (r_k, in), B_k (out, r_k))}`` with scaling folded into ``B_k``;
-    ``weights`` are the ``p_k`` (non-negative, one per client; normalised to sum 1 here).
-    ``layer_shapes`` (optional) gives each layer's ``(out, in)`` to check against.
-    """
-    if method not in AGGREGATORS:
-        raise ValueError(f"unknown aggregation method {method!r}; expected one of {', '.join(METHODS)}")
-    check_updates(updates, layer_shapes)
-    p = normalize_weights(weights, num_clients=len(updates))
-    return AGGREGATORS[method](updates, p, **options)
 
 
 # --- error ---------------------------------------------------------------------------------------
@@ -246,16 +209,3 @@ def aggregation_error(result: AggregationResult, updates: Sequence[ClientUpdate]
         ref_sq_total += ref_sq
     errors["overall"] = math.sqrt(err_sq_total / ref_sq_total) if ref_sq_total > 0 else math.sqrt(err_sq_total)
     return errors
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-def _require_equal_ranks(method: str, updates: Sequence[ClientUpdate]) -> None:
-    for name in updates[0]:
-        ranks = [u[name][0].shape[0] for u in updates]
-        if len(set(ranks)) > 1:
-            raise ValueError(
-                f"{method}: needs equal ranks on every client, but layer {name!r} has ranks {ranks}; "
-                "use 'flora', 'zeropad' or 'flexlora' for mixed ranks"
-            )
-

@@ -37,11 +37,6 @@ def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def fold_scaling(A: torch.Tensor, B: torch.Tensor, scaling: float) -> Factors:
-    """Return ``(A, scaling * B)`` so that the update is the plain product ``B @ A``."""
-    return A, B * scaling
-
-
 def client_weights(
     num_examples: Sequence[int] | None = None,
     scheme: str = "num_examples",
@@ -79,11 +74,6 @@ def normalize_weights(weights: Sequence[float], num_clients: int | None = None) 
     if total <= 0:
         raise ValueError("weights: all zero; expected at least one positive weight")
     return [w / total for w in values]
-
-
-def update_rank(update: ClientUpdate) -> int:
-    """The rank of a client's update (its largest layer rank)."""
-    return max(A.shape[0] for A, _ in update.values())
 
 
 def check_update(

@@ -1,0 +1,79 @@
+"""One client process, as plain Python: keep the global state in sync, train a partition's adapter.
+
+How the client starts its adapter each round comes from the method's registry entry
+(``config.spec``: fresh, the global adapter, its first ``r_k`` ranks, or its own); the Flower
+ClientApp (``client_app.py``) is a thin skin over :meth:`FederationClient.train`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flora.adapters import LoraSpec
+from flora.config import RunConfig
+from flora.lora.factors import Factors
+from flora.rounds import ClientReply, RoundUpdate
+from flora.runtime import Runtime
+from flora.train import TrainSpec, train_client
+
+
+def lora_spec(config: RunConfig, rank: int, client: int = 0) -> LoraSpec:
+    # A pooled run (centralized) trains one plain LoRA whatever the per-client adapter list says.
+    adapter = "lora" if config.spec.pooled else config.client_adapter(client)
+    return LoraSpec(rank=rank, alpha=config.alpha_per_rank * rank, dropout=config.dropout,
+                    targets=tuple(config.targets), freeze_a=config.spec.freeze_a, adapter=adapter,
+                    target_rank=max(1, round(rank * config.adalora_target_ratio)),
+                    warmup_fraction=config.adalora_warmup, final_fraction=config.adalora_final)
+
+
+def train_seed(config: RunConfig, round_: int, client: int) -> int:
+    """Seed of a client's batch order and dropout in a round."""
+    return config.seed * 100_003 + round_ * 1_009 + client
+
+
+def init_seed(config: RunConfig, round_: int, client: int) -> int:
+    """Seed of a fresh adapter's A: one for every client where the method shares its initialisation,
+    else one per round and client."""
+    return config.seed * 7919 + (0 if config.spec.shared_init else round_ * 1_009 + client + 1)
+
+
+class FederationClient:
+    """A client process: the global state it holds (in ``runtime``) and the training of one partition."""
+
+    def __init__(self, config: RunConfig, runtime: Runtime):
+        self.config = config
+        self.assets = runtime.assets(config)
+        self.state = runtime.client_state(config)
+
+    def train(self, client: int, node: str, round_: int, first_index: int, updates: Sequence[RoundUpdate],
+              rank: int | None = None) -> ClientReply:
+        config, spec = self.config, self.config.spec
+        num_partitions = config.num_partitions
+        if not 0 <= client < num_partitions:
+            return ClientReply(client=client, node=node, factors=None, applied=self.state.applied,
+                               error=f"partition-id {client} is outside this run's {num_partitions} partitions "
+                                     f"(num_clients = {config.num_clients}); start as many SuperNodes as clients")
+        try:
+            self.state.apply(updates, first_index)
+        except RuntimeError as exc:
+            return ClientReply(client=client, node=node, factors=None, error=f"resync: {exc}",
+                               applied=self.state.applied)
+        rank = rank or config.client_rank(client)
+        examples = self.assets.examples("train:all" if spec.pooled else f"train:{client}", config.cutoff)
+        steps = config.local_steps * (config.num_clients if spec.pooled else 1)  # same token budget as the federation
+        train_spec = TrainSpec(steps=steps, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
+                               lr=config.lr, seed=train_seed(config, round_, client))
+        result = train_client(self.state.model, self.assets.tokenizer, examples, lora_spec(config, rank, client),
+                              train_spec, init_seed=init_seed(config, round_, client),
+                              init_factors=self.start_factors(client, rank))
+        if spec.per_client_models:
+            self.state.client_adapters[client] = result.factors  # never leaves this client in a deployment
+        return ClientReply(client=client, node=node, factors=result.factors, num_examples=result.num_examples,
+                           train_loss=result.train_loss, tokens=result.tokens, seconds=result.seconds,
+                           applied=self.state.applied, rank=rank)
+
+    def start_factors(self, client: int, rank: int) -> dict[str, Factors] | None:
+        """The factors this round's adapter starts from (None: a fresh adapter)."""
+        if self.config.spec.fresh_adapters:
+            return None
+        return self.state.init_factors(client, rank, truncate=self.config.spec.truncates)

@@ -1,0 +1,66 @@
+"""Engines that drive a run's rounds: ``local`` (every client in this process, no Flower) and ``flower``
+(a Flower simulation, one SuperNode per client). Both call the same server and client code, so they
+give the same metrics; the CLI, ``flora compare`` and the benchmarks all start runs through :func:`run`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flora.client import FederationClient
+from flora.config import RunConfig
+from flora.rounds import ClientReply
+from flora.runner import format_round, start_run
+from flora.runtime import Runtime
+from flora.server import FederationServer, round_clients
+
+ENGINES = ("flower", "local")
+
+
+def run(config: RunConfig, engine: str = "flower", resume: bool = False,
+        progress: Callable[[str], None] = print) -> list[dict]:
+    """Run (or with ``resume`` continue) ``config`` to its last round on ``engine``; the metrics of every
+    round. Each call starts from the base weights (its own :class:`Runtime`)."""
+    if engine == "local":
+        return run_in_process(config, progress=progress, resume=resume).metrics
+    if engine == "flower":
+        from flora.simulation import run_flower_simulation
+        run_flower_simulation(config, resume=resume, progress=progress)
+        from flora.report import read_metrics
+        return read_metrics(Path(config.out_dir))
+    raise ValueError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
+
+
+def run_in_process(config: RunConfig, runtime: Runtime | None = None, progress: Callable[[str], None] = print,
+                   fail: Callable[[int, int], bool] | None = None, resume: bool = False) -> FederationServer:
+    """All rounds in this process (no Flower): the reference the Flower run is checked against. Returns the
+    server (its ``metrics``, ``history`` and global ``state``).
+
+    ``fail(round, client)`` returning True makes that client error in that round (dropout tests).
+    ``resume`` continues from ``OUT/checkpoint``. ``runtime``: a fresh one unless given.
+    """
+    runtime = runtime or Runtime()
+    server, writer = start_run(config, runtime, resume, progress)
+    client = FederationClient(config, runtime)
+    for round_ in range(len(server.history) + 1, config.rounds + 1):
+        started = time.perf_counter()
+        replies, bytes_down = [], 0
+        for k in round_clients(config, config.num_partitions, round_):
+            node = f"node-{k}"
+            first, updates = server.updates_for(node)
+            rank = config.client_rank(k)
+            bytes_down += server.download_bytes(node, rank)
+            if fail is not None and fail(round_, k):
+                replies.append(ClientReply(client=k, node=node, factors=None, error="injected failure",
+                                           applied=server.node_applied.get(node, 0)))
+                continue
+            reply = client.train(k, node, round_, first, updates)
+            progress(f"  round {round_} client {k} (rank {rank}): train loss {reply.train_loss:.4f}, "
+                     f"{reply.tokens / max(reply.seconds, 1e-9):.0f} tok/s")
+            replies.append(reply)
+        record = server.aggregate_round(round_, replies, bytes_down, started)
+        writer.round_done(server)
+        progress(format_round(record))
+    return server

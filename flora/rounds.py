@@ -1,0 +1,133 @@
+"""What a round changes, what a client replies, and the global model state every party holds.
+
+Global state after round ``t`` is the base weights plus every round's ``merge`` part, plus the latest
+global adapter (methods whose clients continue from it keep training it); see the method registry
+(``flora/lora/methods.py``) for which method produces which part:
+
+* merging methods (``flora``, ``centralized``): ``merge`` = the aggregate ``Σ p_k B_k A_k`` in its
+  broadcast form; clients start a fresh adapter of their rank every round;
+* continuing methods (``fedit``, ``ffa``, ``zeropad``, ``flexlora``): ``adapter`` = the aggregated
+  adapter (each client takes its first ``r_k`` ranks where the method truncates);
+* ``fedex``: ``adapter`` = averages, ``merge`` = the dense residual;
+* ``standalone``: ``client_adapters`` = each client's own adapter, nothing is aggregated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from flora.data.tokenize import Example
+from flora.lora.factors import Factors, truncate_factors
+from flora.modeling import evaluate_loss, merge_update
+
+Merge = Factors | torch.Tensor  # (A, B) whose product is added, or a dense (out, in) tensor
+
+
+def dense(merge: Merge) -> torch.Tensor:
+    """The ``(out, in)`` update a merge part adds."""
+    if isinstance(merge, torch.Tensor):
+        return merge
+    A, B = merge
+    return B @ A
+
+
+def nbytes(obj) -> int:
+    """Bytes of a tensor or of a (nested) tuple of tensors."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    return sum(nbytes(o) for o in obj)
+
+
+@dataclass
+class RoundUpdate:
+    """What one round changes in the global state (see the module docstring)."""
+
+    round: int
+    merge: dict[str, Merge] = field(default_factory=dict)
+    adapter: dict[str, Factors] | None = None
+    truncate: bool = False  # client k continues from the first r_k ranks of ``adapter`` (the method truncates)
+    client_adapters: dict[int, dict[str, Factors]] | None = None  # standalone: each client's own adapter
+    forms: dict[str, int] = field(default_factory=dict)  # broadcast form -> number of layers
+
+    def nbytes(self, rank: int) -> int:
+        """Bytes a client of ``rank`` receives for this update.
+
+        A truncating method sends each client only its first ``rank`` ranks; a standalone client's
+        adapter never leaves it in a real deployment and counts 0.
+        """
+        total = sum(nbytes(m) for m in self.merge.values())
+        if self.adapter is not None:
+            for A, B in self.adapter.values():
+                kept = min(rank, A.shape[0]) if self.truncate else A.shape[0]
+                total += kept * (A.shape[1] + B.shape[0]) * A.element_size()
+        return total
+
+
+@dataclass
+class ClientReply:
+    client: int  # partition id
+    node: str
+    factors: dict[str, Factors] | None
+    num_examples: int = 0
+    train_loss: float = math.nan
+    tokens: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    applied: int = 0  # round updates the client's model holds after this round's catch-up
+    rank: int = 0  # the adapter's (initial) rank; AdaLoRA may send fewer
+
+
+class GlobalState:
+    """Base weights with every applied ``merge``, and the latest adapters (held by the server and by
+    every client process)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.applied = 0  # number of round updates merged into ``model``
+        self.adapter: dict[str, Factors] | None = None
+        self.client_adapters: dict[int, dict[str, Factors]] = {}
+
+    def apply(self, updates: Sequence[RoundUpdate], first_index: int) -> None:
+        """Apply ``updates`` (history entries ``first_index, first_index + 1, ...``) not yet applied."""
+        if first_index > self.applied:
+            raise RuntimeError(f"out of sync: holds {self.applied} round updates, message starts at {first_index}")
+        for index, update in enumerate(updates, start=first_index):
+            if index < self.applied:
+                continue
+            merge_update(self.model, {name: dense(m) for name, m in update.merge.items()})
+            if update.adapter is not None:
+                self.adapter = update.adapter
+            if update.client_adapters is not None:
+                self.client_adapters.update(update.client_adapters)
+            self.applied = index + 1
+
+    def init_factors(self, client: int, rank: int, truncate: bool) -> dict[str, Factors] | None:
+        """The adapter client ``client`` continues from (None: a fresh one)."""
+        if client in self.client_adapters:
+            return self.client_adapters[client]
+        if self.adapter is None or not truncate:
+            return self.adapter
+        return {name: truncate_factors(A, B, rank) for name, (A, B) in self.adapter.items()}
+
+    def evaluate(self, tokenizer, examples: Sequence[Example], adapter: Mapping[str, Factors] | None,
+                 batch_size: int = 8) -> float:
+        """Loss of base + ``adapter`` (merged temporarily; the base weights are restored bit for bit, also
+        when merging or evaluating fails half-way)."""
+        adapter = adapter or {}
+        saved = {name: self.model.get_submodule(name).weight.detach().clone() for name in adapter}
+        try:
+            merge_update(self.model, {name: B @ A for name, (A, B) in adapter.items()})
+            return evaluate_loss(self.model, tokenizer, examples, batch_size)
+        finally:
+            with torch.no_grad():
+                for name, weight in saved.items():
+                    self.model.get_submodule(name).weight.copy_(weight)
+
+    def adapter_of(self, client: int, per_client: bool) -> dict[str, Factors] | None:
+        """The adapter on top of the merged weights that makes client ``client``'s model: its own
+        (``per_client``, standalone) or the global one."""
+        return self.client_adapters.get(client) if per_client else self.adapter

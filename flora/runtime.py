@@ -1,0 +1,135 @@
+"""The loaded assets of a process and the global states built on them, owned by one explicit object.
+
+A :class:`Runtime` loads the model, tokenizer, records and partition once per :class:`AssetKey` and
+keeps the :class:`~flora.rounds.GlobalState` of the client process on top of that model; ``reset()``
+forgets both (the next run starts from the base weights). Tests and in-process engines make their own
+runtime; the Flower ClientApp, which Flower constructs anew for every message of a long-lived client
+process, uses :data:`PROCESS_RUNTIME`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from flora.config import ConfigError, RunConfig
+from flora.data.partition import Partition, partition
+from flora.data.sources import load_records
+from flora.data.tokenize import Example, encode_all
+from flora.models.loader import check_target_modules, load_model
+from flora.modeling import layer_shapes
+from flora.rounds import GlobalState
+
+
+@dataclass(frozen=True)
+class AssetKey:
+    """The config fields that determine a run's assets (model weights, records, partition)."""
+
+    model: str
+    data: str
+    format: str
+    max_examples: int
+    num_partitions: int
+    partition: str
+    dirichlet_alpha: float
+    test_fraction: float
+    seed: int
+
+    @classmethod
+    def of(cls, config: RunConfig) -> AssetKey:
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class Assets:
+    model: torch.nn.Module
+    tokenizer: object
+    partition: Partition
+    records: list
+    layer_shapes: dict[str, tuple[int, int]]
+    encoded: dict[tuple[str, int, int], list[Example]] = field(default_factory=dict)  # (split, cutoff, limit)
+
+    def examples(self, which: str, cutoff: int, limit: int = 0) -> list[Example]:
+        """Tokenised examples of a split: ``train:K``, ``test:K`` (client K), ``train:all`` or ``test`` (global)."""
+        key = (which, cutoff, limit)
+        if key not in self.encoded:
+            if which == "test":
+                indices = self.partition.test
+            elif which == "train:all":
+                indices = sorted(i for c in self.partition.clients for i in c)
+            else:
+                kind, k = which.split(":")
+                indices = (self.partition.clients if kind == "train" else self.partition.client_tests)[int(k)]
+            if limit:
+                indices = indices[:limit]
+            self.encoded[key] = encode_all(self.tokenizer, [self.records[i] for i in indices], cutoff)[0]
+        return self.encoded[key]
+
+    def with_own_model(self) -> Assets:
+        """The same data and tokenised examples (shared, not copied) with a private copy of the model."""
+        return dataclasses.replace(self, model=copy.deepcopy(self.model))
+
+
+def load_assets(config: RunConfig) -> Assets:
+    """Model, tokenizer, records and partition for ``config`` (uncached; see :class:`Runtime`)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    loaded = load_model(config.model)
+    check_target_modules(loaded.model, config.targets)
+    records, _ = load_records(config.data, fmt=config.format)
+    num_clients = config.num_partitions
+    split = partition(records, num_clients, scheme=config.partition if num_clients > 1 else "iid",
+                      alpha=config.dirichlet_alpha, seed=config.seed, test_fraction=config.test_fraction,
+                      max_examples=config.max_examples or None)
+    return Assets(model=loaded.model, tokenizer=loaded.tokenizer, partition=split, records=records,
+                  layer_shapes=layer_shapes(loaded.model, config.targets))
+
+
+def check_ranks_fit(config: RunConfig, shapes: Mapping[str, tuple[int, int]]) -> None:
+    """:class:`ConfigError` if a client's rank exceeds ``min(out, in)`` of a target layer (no such LoRA
+    adds anything a smaller rank could not, and every update would be rejected)."""
+    if not shapes:
+        return
+    name, shape = min(shapes.items(), key=lambda item: min(item[1]))
+    largest = max(config.client_rank(k) for k in range(config.num_partitions))
+    if largest > min(shape):
+        raise ConfigError(f"ranks = {config.ranks}: rank {largest} exceeds min(out, in) = {min(shape)} of target "
+                          f"layer {name} {tuple(shape)}; expected ranks <= {min(shape)} for this model and targets")
+
+
+class Runtime:
+    """Assets per :class:`AssetKey`, and the client-side global state on each assets' model."""
+
+    def __init__(self) -> None:
+        self._assets: dict[AssetKey, Assets] = {}
+        self._client_states: dict[AssetKey, GlobalState] = {}
+
+    def assets(self, config: RunConfig) -> Assets:
+        key = AssetKey.of(config)
+        if key not in self._assets:
+            self._assets[key] = load_assets(config)
+        check_ranks_fit(config, self._assets[key].layer_shapes)  # ranks are not part of the key
+        return self._assets[key]
+
+    def client_state(self, config: RunConfig) -> GlobalState:
+        """The global state a client process keeps across rounds (on the cached model)."""
+        key = AssetKey.of(config)
+        if key not in self._client_states:
+            self._client_states[key] = GlobalState(self.assets(config).model)
+        return self._client_states[key]
+
+    def server_assets(self, config: RunConfig) -> Assets:
+        """The server's assets: its own copy of the model, the clients' data and tokenised examples."""
+        return self.assets(config).with_own_model()
+
+    def reset(self) -> None:
+        """Forget every loaded model and global state: the next run starts from the base weights."""
+        self._assets.clear()
+        self._client_states.clear()
+
+
+PROCESS_RUNTIME = Runtime()

@@ -1,0 +1,88 @@
+"""The package's shape: no import cycles, ``flwr`` only in the Flower skin, no method names outside the registry."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[1] / "flora"
+# The Flower skin: the only modules that may import flwr.
+SKIN = {"flora.strategy", "flora.server_app", "flora.client_app", "flora.simulation"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    # A module's own parent packages are imported first by Python anyway: not an edge of interest.
+    return {name: {m for m in _imports(path) if m in modules and m != name and not name.startswith(m + ".")}
+            for name, path in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycles_even_through_function_level_imports():
+    graph = _graph()
+    assert "flora.engines" in graph and "flora.lora.methods" in graph  # the walk sees the package
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_only_the_flower_skin_imports_flwr():
+    offenders = sorted(_module_name(p) for p in PACKAGE.rglob("*.py")
+                       if _module_name(p) not in SKIN and any(m.split(".")[0] == "flwr" for m in _imports(p)))
+    assert offenders == []
+    assert all(any(m.split(".")[0] == "flwr" for m in _imports(PACKAGE / f"{name.split('.')[1]}.py")) for name in SKIN)
+
+
+def test_no_method_name_checks_outside_the_registry():
+    """Behaviour per method lives in ``flora/lora/methods.py``: no ``method == "..."`` / ``in (...)`` elsewhere."""
+    from flora.lora.methods import METHODS
+
+    names = "|".join(METHODS)
+    check = re.compile(rf"""(method\w*\s*(==|!=|in|not in)\s*[\(\[\{{]?\s*["']({names})["'])|(["']({names})["']\s*(==|!=)\s*\w*method)""")
+    offenders = [f"{p.relative_to(PACKAGE.parent)}:{i}: {line.strip()}"
+                 for p in PACKAGE.rglob("*.py") if p.name != "methods.py"
+                 for i, line in enumerate(p.read_text().splitlines(), start=1) if check.search(line)]
+    assert offenders == []
+    assert check.search('if config.method == "flora":') and check.search("method in ('fedit', 'ffa')")
