@@ -86,3 +86,32 @@ def test_no_method_name_checks_outside_the_registry():
                  for i, line in enumerate(p.read_text().splitlines(), start=1) if check.search(line)]
     assert offenders == []
     assert check.search('if config.method == "flora":') and check.search("method in ('fedit', 'ffa')")
+
+
+# Config fields that do not change what a run loads (model weights, records, partition); everything else
+# must be part of the asset cache key, so a new field cannot silently reuse stale assets.
+NOT_ASSET_FIELDS = {
+    "cutoff", "method", "num_clients", "ranks", "rounds", "sample_fraction", "min_clients", "weighting",
+    "max_update_norm", "clip_update_norm", "outlier_mad", "broadcast", "round_timeout", "dp_noise_multiplier",
+    "dp_clip_norm", "dp_delta", "dp_broadcast_rank", "dp_noise_seed", "adapters", "adalora_target_ratio",
+    "adalora_warmup", "adalora_final", "alpha_per_rank", "dropout", "targets", "local_steps", "batch_size",
+    "micro_batch_size", "lr", "eval_examples", "client_eval_examples", "threads", "out_dir",
+}
+
+
+def test_every_config_field_is_classified_for_the_asset_cache():
+    import dataclasses
+
+    from flora.config import RunConfig
+    from flora.runtime import AssetKey
+
+    config_fields = {f.name for f in dataclasses.fields(RunConfig)}
+    key_fields = {f.name for f in dataclasses.fields(AssetKey)} - {"num_partitions"}  # derived from method
+    assert key_fields <= config_fields
+    unclassified = config_fields - key_fields - NOT_ASSET_FIELDS
+    assert unclassified == set(), f"add {sorted(unclassified)} to AssetKey or to NOT_ASSET_FIELDS"
+    # the key separates configs that load different assets, and merges those that do not
+    base = RunConfig(num_clients=2, ranks=[4])
+    assert AssetKey.of(base) == AssetKey.of(dataclasses.replace(base, lr=1.0, rounds=9))
+    assert AssetKey.of(base) != AssetKey.of(dataclasses.replace(base, seed=1))
+    assert AssetKey.of(base) != AssetKey.of(dataclasses.replace(base, method="centralized"))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from flora.data.tokenize import IGNORE_INDEX, Example, collate
-from flora.modeling import causal_lm_parts, target_token_losses
+from flora.modeling import causal_lm_parts, eval_mode, pad_token_id, target_token_losses
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,11 @@ def score_continuations(model: torch.nn.Module, tokenizer, requests: Sequence[tu
                         batch_size: int = 16, max_length: int = 1024,
                         progress: Callable[[int], None] | None = None) -> list[Scored]:
     """``[(context, continuation)]`` → log-likelihood of each continuation; ``progress(n)`` after each batch."""
-    was_training = model.training
-    model.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     examples = [encode_request(tokenizer, c, x, max_length) for c, x in requests]
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
     results: list[Scored | None] = [None] * len(examples)
-    try:
+    with eval_mode(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             losses, rows = target_token_losses(model, collate([examples[i] for i in chunk], pad_id))
@@ -51,8 +49,6 @@ def score_continuations(model: torch.nn.Module, tokenizer, requests: Sequence[tu
                 results[i] = Scored(logprob=-float(sums[j]), num_tokens=int(counts[j]))
             if progress is not None:
                 progress(len(chunk))
-    finally:
-        model.train(was_training)
     return results  # type: ignore[return-value]
 
 
@@ -69,10 +65,8 @@ def score_shared_contexts(model: torch.nn.Module, tokenizer, groups: Sequence[tu
     continuations is masked out and positions continue from the context's own length. A context is
     cut from the left so that it and its longest continuation fit ``max_length``.
     """
-    was_training = model.training
-    model.eval()
     decoder, head = causal_lm_parts(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     encoded = []
     for context, continuations in groups:
         cont_ids = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in continuations]
@@ -83,15 +77,13 @@ def score_shared_contexts(model: torch.nn.Module, tokenizer, groups: Sequence[tu
         encoded.append((ctx_ids, cont_ids))
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding
     results: list[list[Scored] | None] = [None] * len(encoded)
-    try:
+    with eval_mode(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             for i, scored in zip(chunk, _score_chunk(decoder, head, [encoded[i] for i in chunk], pad_id)):
                 results[i] = scored
             if progress is not None:
                 progress(sum(len(encoded[i][1]) for i in chunk))
-    finally:
-        model.train(was_training)
     return results  # type: ignore[return-value]
 
 
@@ -142,15 +134,13 @@ def next_token_logprobs(model: torch.nn.Module, tokenizer, contexts: Sequence[st
     One forward per context instead of one per (context, candidate): the fast path for single-token
     continuations such as MMLU's `` A`` … `` D``.
     """
-    was_training = model.training
-    model.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     encoded = [tokenizer(c, add_special_tokens=False)["input_ids"][-max_length:] for c in contexts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out = torch.empty(len(encoded), len(candidates), dtype=torch.float64)
     decoder, head = causal_lm_parts(model)
     candidate_ids = torch.tensor(list(candidates))
-    try:
+    with eval_mode(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             batch = collate([Example(encoded[i], [IGNORE_INDEX] * len(encoded[i])) for i in chunk], pad_id)
@@ -160,6 +150,4 @@ def next_token_logprobs(model: torch.nn.Module, tokenizer, contexts: Sequence[st
             out[chunk] = torch.log_softmax(logits, dim=-1)[:, candidate_ids].double()
             if progress is not None:
                 progress(len(chunk))
-    finally:
-        model.train(was_training)
     return out

@@ -24,6 +24,7 @@ import torch
 
 from flora.data.formats import DataError
 from flora.data.sources import json_lines
+from flora.modeling import eval_mode
 
 JUDGE_SYSTEM = "You are a helpful assistant."
 SINGLE_V1 = (
@@ -79,10 +80,8 @@ def load_questions(path: str | Path) -> list[MTQuestion]:
 def generate_answers(model, tokenizer, questions: Sequence[MTQuestion], max_new_tokens: int = 512,
                      model_id: str = "flora", progress: Callable[[int], None] | None = None) -> list[dict]:
     """Greedy answers, turn by turn (each turn sees the previous turns and answers)."""
-    was_training = model.training
-    model.eval()
     answers = []
-    try:
+    with eval_mode(model):
         for question in questions:
             messages, outputs = [], []
             for turn in question.turns:
@@ -98,8 +97,6 @@ def generate_answers(model, tokenizer, questions: Sequence[MTQuestion], max_new_
                             "choices": [{"index": 0, "turns": outputs}]})
             if progress is not None:
                 progress(1)
-    finally:
-        model.train(was_training)
     return answers
 
 
