@@ -11,11 +11,11 @@ keys say; see ``flora/precision.py`` for how the global update reaches a half-pr
 
 * ``dtype = bfloat16 / float16``: the base weights are stored in that dtype (rounded once when loaded),
   activations are computed in it, and the adapters stay float32 (peft computes the LoRA branch in float32
-  and casts its output back). The accumulated global update is kept in a float32 master copy, so a
-  weight is rounded once per round from the exact sum, never accumulated in the low precision.
+  and casts its output back).
 * ``quantize = 4bit / 8bit``: bitsandbytes stores every linear layer but the output head quantized
-  (NF4 with double quantization, or LLM.int8()); the global update cannot be merged into it and lives
-  beside it as a frozen float32 delta added to the layer's output.
+  (NF4 with double quantization, or LLM.int8()); ``dtype`` is then the compute dtype.
+* In both cases the base weights cannot hold the global update exactly, so it is kept beside them in
+  float32 and added to each layer's output (``flora/precision.py``); the base never changes after loading.
 """
 
 from __future__ import annotations

@@ -4,20 +4,23 @@ Every party (server and clients) applies the same round updates with :func:`appl
 layer:
 
 * **float32 / float64 weights** (the default): ``W ← W + Δ`` in place, as always.
-* **bfloat16 / float16 weights**: a float32 *master copy* of the layer's weight (on the host), ``M ← M + Δ``,
-  then ``W ← round(M)``. The accumulated update is exact in float32; rounding enters only in that one cast
-  per round (relative error ≤ 2⁻⁹ for bf16, 2⁻¹² for fp16 per entry, of the whole weight, not accumulated
-  over rounds), and identically on every party, so server and clients hold bit-identical weights. Adding
-  ``Δ`` to the half-precision weight in place instead would round every round's small update against the
-  large weight (most of it is lost: ``tests/test_hardware.py`` measures both).
-* **quantized weights** (bitsandbytes 4-bit / 8-bit): they cannot take an update, so the accumulated update
-  lives *beside* the layer as a :class:`GlobalDelta`, a frozen float32 term added to the layer's output
-  by a forward hook: ``y = base(x) + x Δᵀ`` with ``Δ = Σ_t B_t A_t`` kept as stacked factors (exact
-  concatenation) or, once that is larger, as a dense float32 matrix. Base and delta are the same on every
-  party, so clients start each round from the server's global model.
+* **bfloat16 / float16 or quantized weights** (bitsandbytes 4-bit / 8-bit): the weights cannot hold the
+  update exactly (a quantized one cannot take it at all; a half-precision one would round every round's
+  small update against the large weight, and most of it is lost: ``tests/test_hardware.py`` measures it),
+  so the accumulated update lives *beside* the layer as a :class:`GlobalDelta`, a frozen float32 term that
+  a forward hook adds to the layer's output: ``y = base(x) + x Δᵀ`` with ``Δ = Σ_t Δ_t`` kept as stacked
+  factors ``B A`` (concatenation is exact) or, once that would be larger, as a dense float32 matrix. The
+  base weights never change after loading; base and delta are the same on every party, so clients start
+  each round from exactly the server's global model.
 
-The state (master copies, deltas) lives on the layer modules themselves, so a deep copy of a model (the
-server's own model) carries it like merged weights. Shapes: ``A (r, in)``, ``B (out, r)``, ``Δ (out, in)``.
+Where rounding enters with such a base: once when the base is loaded (cast or quantized), and in the
+activations (the base layer computes in its dtype; ``x Δᵀ`` is computed in float32 and the layer's output
+``base(x) + x Δᵀ`` is rounded once to the activation dtype). Never in the global update, the LoRA factors,
+the wire or the server's aggregation, which stay float32. Cost: the hook's two thin matrix products per
+layer (rank ``R = Σ`` of the rounds' broadcast ranks; dense once ``R (out + in) >= out · in``).
+
+The deltas live on the layer modules themselves (as their forward hooks), so a deep copy of a model (the
+server's own model) carries them like merged weights. Shapes: ``A (R, in)``, ``B (out, R)``, ``Δ (out, in)``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from flora.lora.factors import Factors
 from flora.modeling import merge_update
 
 Merge = Factors | torch.Tensor  # (A, B) whose product is added, or a dense (out, in) tensor
-MASTER = "_flora_master"  # attribute of a half-precision layer: its float32 master weight (host memory)
+EXACT_DTYPES = (torch.float32, torch.float64)  # weights that take an update in place without losing it
 
 
 def dense(merge: Merge) -> torch.Tensor:
@@ -42,15 +45,10 @@ def dense(merge: Merge) -> torch.Tensor:
     return B @ A
 
 
-def is_quantized(module: torch.nn.Module) -> bool:
-    """A layer whose weight is stored quantized (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``)."""
-    weight = getattr(module, "weight", None)
-    return weight is not None and (not weight.dtype.is_floating_point
-                                   or type(module).__module__.startswith("bitsandbytes"))
-
-
-def is_half(module: torch.nn.Module) -> bool:
-    return module.weight.dtype in (torch.bfloat16, torch.float16)
+def keeps_delta_beside(module: torch.nn.Module) -> bool:
+    """A layer whose weights cannot hold the global update exactly: half precision or quantized."""
+    weight = module.weight
+    return weight.dtype not in EXACT_DTYPES or type(module).__module__.startswith("bitsandbytes")
 
 
 class GlobalDelta:
@@ -126,61 +124,36 @@ def global_delta(module: torch.nn.Module, create: bool = False) -> GlobalDelta |
 
 
 def apply_merges(model: torch.nn.Module, merges: Mapping[str, Merge]) -> None:
-    """Add every ``{layer: merge}`` to ``model``'s global update, by the layer's kind (module docstring)."""
+    """Add every ``{layer: merge}`` to ``model``'s global update: in place, or beside (module docstring)."""
     in_place = {}
     for name, merge in merges.items():
         module = model.get_submodule(name)
-        if is_quantized(module):
+        if keeps_delta_beside(module):
             global_delta(module, create=True).add(merge)
-        elif is_half(module):
-            _add_to_master(module, name, dense(merge))
         else:
             in_place[name] = dense(merge)
     merge_update(model, in_place)
 
 
-def _add_to_master(module: torch.nn.Module, name: str, delta: torch.Tensor) -> None:
-    weight = module.weight
-    if tuple(delta.shape) != tuple(weight.shape):
-        raise ValueError(f"merge: update for {name!r} has shape {tuple(delta.shape)}, layer is {tuple(weight.shape)}")
-    master = getattr(module, MASTER, None)
-    if master is None:
-        master = weight.detach().to("cpu", torch.float32, copy=True)  # exact: a half value is a float32 value
-    master += delta.to("cpu", torch.float32)
-    setattr(module, MASTER, master)
-    with torch.no_grad():
-        weight.copy_(master)  # the one rounding: float32 -> the layer's dtype, round to nearest even
-
-
-def master_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The float32 weight a layer stands for: its master copy (half precision), else its weight."""
-    master = getattr(module, MASTER, None)
-    return master if master is not None else module.weight.detach().float()
-
-
 @contextmanager
 def temporary_update(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """``model`` with ``{layer: Δ (out, in)}`` added inside the block; every layer is restored bit for bit
-    however the block exits (evaluation of base + adapter)."""
-    saved, deltas_saved = {}, {}
+    """``model`` with ``{layer: Δ (out, in)}`` added inside the block; every layer (and delta) is restored bit
+    for bit however the block exits (evaluation of base + adapter)."""
+    saved, saved_deltas = {}, {}
     try:
         for name, delta in deltas.items():
             module = model.get_submodule(name)
-            if is_quantized(module):
+            if keeps_delta_beside(module):
                 holder = global_delta(module, create=True)
-                deltas_saved[name] = holder.state()
+                saved_deltas[name] = holder.state()
                 holder.add(delta)
             else:
                 saved[name] = module.weight.detach().clone()
-                if is_half(module):
-                    with torch.no_grad():
-                        module.weight.copy_(master_weight(module).to(delta.device) + delta.float())
-                else:
-                    merge_update(model, {name: delta})
+                merge_update(model, {name: delta})
         yield
     finally:
         with torch.no_grad():
             for name, weight in saved.items():
                 model.get_submodule(name).weight.copy_(weight)
-        for name, state in deltas_saved.items():
+        for name, state in saved_deltas.items():
             global_delta(model.get_submodule(name)).restore(state)

@@ -12,8 +12,8 @@ global adapter (methods whose clients continue from it keep training it); see th
 * ``standalone``: ``client_adapters`` = each client's own adapter, nothing is aggregated.
 
 How a ``merge`` reaches a layer depends on its weights (``flora/precision.py``): added in place to float32
-weights, accumulated in a float32 master copy of half-precision ones, kept beside quantized ones as a frozen
-float32 delta; the global update stays exact in float32 in every case.
+weights; kept beside half-precision and quantized ones as a frozen float32 delta added to the layer's output.
+The global update stays exact in float32 in every case.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class GlobalState:
         for index, update in enumerate(updates, start=first_index):
             if index < self.applied:
                 continue
-            apply_merges(self.model, update.merge)  # in place, via a float32 master, or beside (precision.py)
+            apply_merges(self.model, update.merge)  # in place, or beside the layer (precision.py)
             if update.adapter is not None:
                 self.adapter = update.adapter
             if update.client_adapters is not None:
