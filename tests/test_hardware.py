@@ -18,20 +18,11 @@ from flora.data.tokenize import encode_all
 from flora.engines import run_in_process
 from flora.hardware import check_quantize, model_options, resolve_device, resolve_dtype
 from flora.precision import GlobalDelta, apply_merges, dense, global_delta, temporary_update
-from flora.runner import server_for
 from flora.runtime import Runtime
 from flora.train import LoraSpec, TrainSpec, lr_factor, make_scheduler, train_client
+from test_federation import tiny_config  # the tiny federation every run here starts from
 
 LORA = LoraSpec(rank=4, alpha=8, dropout=0.0)
-
-
-def tiny_config(assets_dir, tmp_path, **overrides) -> RunConfig:
-    values = dict(model=str(assets_dir / "model"), data=str(assets_dir / "data.jsonl"), num_clients=3,
-                  ranks=[4, 2, 1], rounds=2, local_steps=2, batch_size=4, micro_batch_size=2, lr=5e-3, cutoff=64,
-                  max_examples=0, partition="iid", test_fraction=0.1, eval_examples=0, dropout=0.0,
-                  out_dir=str(tmp_path / "out"))
-    values.update(overrides)
-    return RunConfig.from_dict(values)
 
 
 @pytest.fixture
