@@ -14,8 +14,9 @@ and report that process's peak RSS: what a machine must hold to federate this mo
     .venv/bin/python benchmarks/bench_memory.py [--variants fp32,fp32-gc,bf16,4bit,8bit,fed-fp32]
         [--tokens 128] [--steps 2] [--timeout 300] [--layers 22] [--model-dir /tmp/flora-tinyllama-1.1b]
 
-Writes ``benchmarks/results/memory.json`` and ``memory.md``. A variant that runs past ``--timeout`` is
-stopped and reported with what it measured so far.
+Writes ``benchmarks/results/memory.json`` and ``memory.md`` (``--update``: replace only the variants run now).
+A variant that runs past ``--timeout`` is stopped and reported with what it measured so far. Weights loaded
+in the file's own dtype stay memory-mapped until touched, so every weight is read once before the reset.
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ def child(variant: str, args) -> None:
     if keys.get("quantize", "none") != "none":
         prepare_quantized(loaded.model)
     model = loaded.model
+    with torch.no_grad():  # weights loaded in the file's dtype stay memory-mapped: read them in, to count them
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.sum()
     result.update(load_seconds=time.perf_counter() - started, load_peak_gib=peak_rss_bytes() / GIB,
                   weights_gib=model.get_memory_footprint() / GIB,
                   parameters=sum(p.numel() for p in model.parameters()))
@@ -166,7 +170,12 @@ def federation(args, keys: dict, result: Partial) -> None:
                            cutoff=args.tokens, max_examples=0, partition="iid", test_fraction=0.1, eval_examples=2,
                            client_eval_examples=0, dropout=0.0, out_dir=out, threads=args.threads, **keys)
         started = time.perf_counter()
-        server = run_in_process(config, progress=lambda line: print(line, flush=True))
+
+        def progress(line: str) -> None:  # the peak so far after every client and round, in case of a timeout
+            print(line, flush=True)
+            result.update(peak_gib=peak_rss_bytes() / GIB, seconds=time.perf_counter() - started, last=line.strip())
+
+        server = run_in_process(config, progress=progress)
         metrics = server.metrics[-1]
         result.update(seconds=time.perf_counter() - started, peak_gib=peak_rss_bytes() / GIB,
                       test_loss=metrics["test_loss"], aggregation_error=metrics["aggregation_error"], done=True)
@@ -206,15 +215,16 @@ def table(records: list[dict], args) -> str:
              f"parameters), LoRA rank 16 on the 7 projections, AdamW, batch 1 x {args.tokens} tokens, "
              f"{args.threads} threads, CPU ({platform.processor() or platform.machine()}), torch "
              f"{__import__('torch').__version__}. GiB; peak RSS per stage of a fresh process (`VmHWM`, reset "
-             f"after loading).", "",
-             "| variant | weights | load peak | RSS before step | step peak | step overhead | s / step | note |",
-             "|---|---:|---:|---:|---:|---:|---|---|"]
+             f"after loading and reading every weight once); step overhead = step peak - RSS before the step. Seconds "
+             f"are wall-clock on a machine whose cores other jobs shared: compare the memory, not the times.", "",
+             "| variant | weights | load peak | RSS before step | step peak | step overhead | load s | s / step | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in steps:
         overhead = r["step_peak_gib"] - r["rss_before_step_gib"] if "step_peak_gib" in r else None
         seconds = ", ".join(f"{s:.1f}" for s in r.get("step_seconds", [])) or "–"
         lines.append(f"| {r['variant']} | {fmt(r.get('weights_gib'))} | {fmt(r.get('load_peak_gib'))} | "
                      f"{fmt(r.get('rss_before_step_gib'))} | {fmt(r.get('step_peak_gib'))} | {fmt(overhead)} | "
-                     f"{seconds} | {r.get('note', '')} |")
+                     f"{fmt(r.get('load_seconds'), 0)} | {seconds} | {r.get('note', '')} |")
     if feds:
         lines += ["", f"A whole federation in one process (engine `local`): 2 clients (ranks 16, 8), 1 round of 1 "
                       f"step each, server evaluation on 2 examples, checkpoint written.", "",
@@ -224,7 +234,39 @@ def table(records: list[dict], args) -> str:
             lines.append(f"| {r['variant']} | {fmt(r.get('peak_gib'))} | {fmt(r.get('seconds'), 0)} | "
                          f"{fmt(r.get('test_loss'), 4)} | {r.get('aggregation_error', float('nan')):.1e} | "
                          f"{r.get('note', '')} |")
+    lines += largest_model(records)
     return "\n".join(lines) + "\n"
+
+
+def largest_model(records: list[dict], budget_gib: float = 24.0, headroom_gib: float = 2.0) -> list[str]:
+    """Scale the measured 2-client fp32 federation to the largest model a ``budget_gib`` machine holds (an
+    estimate). Its memory = baseline (interpreter, libraries) + 2 copies of the weights (the clients' model,
+    the server's) + the rest (training step, evaluation, allocator), per parameter; for another variant the
+    copies scale with its bytes per parameter, and the rest either stays per parameter (lower bound) or
+    shrinks like the weights (upper bound). The headroom covers the OS and the Flower engine's Ray processes."""
+    by_name = {r["variant"]: r for r in records}
+    fed, single = by_name.get("fed-fp32", {}), by_name.get("fp32", {})
+    if not fed.get("done") or "rss_before_step_gib" not in single:
+        return []
+    params = single["parameters"]
+    baseline = single["rss_before_step_gib"] - single["weights_gib"]
+    rest = (fed["peak_gib"] - baseline - 2 * single["weights_gib"]) / params  # GiB per parameter
+    usable = budget_gib - headroom_gib - baseline
+    out = ["", f"**Largest model for {budget_gib:.0f} GiB, 2 clients in simulation.** Measured: the fp32 "
+               f"federation of {params / 1e9:.2f} B parameters peaks at {fed['peak_gib']:.1f} GiB = "
+               f"{baseline:.2f} GiB baseline + 2 x {single['weights_gib']:.2f} GiB of weights (clients' model, "
+               f"server's copy) + {rest * params:.2f} GiB (training step, evaluation, allocator). Scaled per "
+               f"parameter, keeping {headroom_gib:.0f} GiB for the OS and Ray's processes (estimates; lower "
+               f"bound: the rest does not shrink with the weights' dtype, upper: it shrinks like them):", ""]
+    for name in ("fp32", "bf16", "8bit", "4bit"):
+        r = by_name.get(name)
+        if r and "weights_gib" in r:
+            weights = r["weights_gib"] / params  # GiB per parameter at this shape
+            low = usable / (2 * weights + rest)
+            high = usable / ((2 + rest / (single["weights_gib"] / params)) * weights)
+            span = f"{low / 1e9:.1f} B" if abs(high - low) < 0.05e9 else f"{low / 1e9:.1f}-{high / 1e9:.1f} B"
+            out.append(f"- {name} ({weights * GIB:.2f} bytes/parameter here): about {span} parameters")
+    return out
 
 
 def main() -> None:
@@ -237,6 +279,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "flora-tinyllama-1.1b")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--update", action="store_true", help="replace only these variants in an earlier memory.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
@@ -254,6 +297,10 @@ def main() -> None:
     records = [run_variant(v.strip(), args) for v in args.variants.split(",") if v.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.layers == 22 else f"_{args.layers}l"
+    if args.update and (args.out / f"memory{suffix}.json").is_file():  # replace these variants' rows, keep the rest
+        fresh = {r["variant"]: r for r in records}
+        earlier = json.loads((args.out / f"memory{suffix}.json").read_text())
+        records = [fresh.pop(r["variant"], r) for r in earlier] + list(fresh.values())
     (args.out / f"memory{suffix}.json").write_text(json.dumps(records, indent=1))
     (args.out / f"memory{suffix}.md").write_text(table(records, args))
     print(table(records, args))

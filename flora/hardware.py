@@ -25,6 +25,7 @@ import importlib.util
 import os
 
 import torch
+from packaging.version import Version
 
 from flora.config import ConfigError, RunConfig
 
@@ -82,17 +83,9 @@ def check_quantize(quantize: str, device: torch.device) -> None:
                           f"{' and '.join(QUANTIZED_DEVICES)}, not on device {str(device)!r}; "
                           f"use device = 'cpu' or 'cuda', or quantize = 'none'")
     version = importlib.metadata.version("bitsandbytes")
-    if device.type == "cpu" and _version_tuple(version) < (0, 50):
+    if device.type == "cpu" and Version(version) < Version("0.50"):
         raise ConfigError(f"quantize = {quantize!r} on device 'cpu': bitsandbytes {version} has no CPU backend "
                           f"for it; install bitsandbytes >= 0.50 (tested: 0.50.2) or use a CUDA device")
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for part in version.split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
 
 
 def quantization_config(quantize: str, compute_dtype: torch.dtype):
@@ -142,21 +135,20 @@ def set_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
 
 def peak_rss_bytes() -> int:
     """This process's peak resident memory so far (``VmHWM``; see :func:`reset_peak_rss`)."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _status_bytes("VmHWM")
 
 
 def rss_bytes() -> int:
     """This process's resident memory now (``VmRSS``)."""
-    with open("/proc/self/status") as handle:
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:  # Linux
         for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    return 0
+    raise OSError(f"/proc/self/status has no {field} line")
 
 
 def reset_peak_rss() -> bool:
