@@ -93,6 +93,13 @@ def select_run(run_dir: str | Path, round_: int | None = None, client: int | Non
     return RunSelection(run_dir=run_dir, checkpoint=checkpoint, config=config, rounds=rounds, client=client)
 
 
+def load_selection(selection: RunSelection):
+    """The selected global model (base + the selected rounds + the adapter, merged) as a ``LoadedModel``."""
+    from flora.checkpoint import load_run_model
+
+    return load_run_model(selection.run_dir, client=selection.client or 0, rounds=selection.rounds)[0]
+
+
 def check_out_dir(out: str | Path) -> Path:
     """``out`` if it is absent or an empty directory; :class:`ExportError` otherwise."""
     out = Path(out)
@@ -122,10 +129,8 @@ def staged_dir(out: Path) -> Iterator[Path]:
 
 def export_hf(selection: RunSelection, out: str | Path) -> Path:
     """Write the selected global model, merged, with its tokenizer to ``out``; returns ``out``."""
-    from flora.checkpoint import load_run_model
-
     out = check_out_dir(out)
-    loaded, _, _ = load_run_model(selection.run_dir, client=selection.client or 0, rounds=selection.rounds)
+    loaded = load_selection(selection)
     model = loaded.model
     with staged_dir(out) as staging:
         model.config.tie_word_embeddings = _embeddings_tied(model)
