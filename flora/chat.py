@@ -110,10 +110,12 @@ def generate_tokens(model: torch.nn.Module, input_ids: torch.Tensor, sampling: S
     """Up to ``max_new_tokens`` token ids after ``input_ids (1, T)``, one forward pass each (KV cache).
     The caller decides where to stop (closing the generator stops the computation)."""
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    parameters = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in parameters else "past_key_values"
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}  # no head over the prompt
     past, ids = None, input_ids
     for _ in range(max_new_tokens):
-        out = model(input_ids=ids, use_cache=True, **{cache_arg: past})
+        out = model(input_ids=ids, use_cache=True, **{cache_arg: past}, **last_only)
         past = getattr(out, "cache", None)  # transformers >= 5.2x; earlier: ``past_key_values``
         past = out.past_key_values if past is None else past
         token = next_token(out.logits[0, -1], sampling, generator)
