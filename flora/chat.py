@@ -196,10 +196,10 @@ def stream(reply: Reply, out: TextIO) -> str:
 HELP = "Type a message; /reset clears the history; /exit or Ctrl-D quits."
 
 
-def chat_loop(chat: ChatModel, sampling: Sampling, system: str | None = None, read: Callable[[str], str] = input,
-              out: TextIO | None = None) -> list[Message]:
-    """Interactive multi-turn chat: read a line, stream the answer, keep the history; returns it."""
-    out = out or sys.stdout
+def chat_loop(chat: ChatModel, sampling: Sampling, system: str | None = None,
+              read: Callable[[str], str] | None = None, out: TextIO | None = None) -> list[Message]:
+    """Interactive multi-turn chat: read a line (``input``), stream the answer, keep the history; returns it."""
+    read, out = read or input, out or sys.stdout
     start: list[Message] = [{"role": "system", "content": system}] if system else []
     history = list(start)
     out.write(f"flora chat: {chat.name}. {HELP}\n")
