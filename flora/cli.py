@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def _run(args) -> int:
     else:
         run_flower_simulation(config, resume=args.resume, progress=progress)
     print(write_report(Path(config.out_dir)))
-    out = config.out_dir
+    out = shlex.quote(str(config.out_dir))
     print(f"Export it: flora export {out} --format hf --out {out}/export-hf   (or --format peft --out {out}/export-peft)")
     print(f"Chat with it: flora chat --checkpoint {out}   (or serve it: flora serve --checkpoint {out})")
     return 0

@@ -274,3 +274,27 @@ def _safetensor_keys(path: Path) -> set[str]:
     from safetensors import safe_open
     with safe_open(path, framework="pt") as handle:
         return set(handle.keys())
+
+
+def test_run_output_ends_with_how_to_export_and_chat(assets_dir, tmp_path, fresh_assets):
+    """``flora run`` ends by printing the export and chat commands for its out dir; both work as printed."""
+    import shlex
+
+    import tomli_w
+
+    out = tmp_path / "run"
+    values = dict(model=str(assets_dir / "model"), data=str(assets_dir / "data.jsonl"), num_clients=2, ranks=[2, 1],
+                  rounds=1, local_steps=1, batch_size=4, micro_batch_size=2, cutoff=64, max_examples=0,
+                  partition="iid", test_fraction=0.1, eval_examples=0, client_eval_examples=0, out_dir=str(out))
+    (tmp_path / "run.toml").write_text(tomli_w.dumps({"run": values}))
+    rc, printed, err = cli("run", "--config", str(tmp_path / "run.toml"), "--engine", "local", "--quiet")
+    assert rc == 0, err
+    export_line, chat_line = printed.rstrip("\n").splitlines()[-2:]
+    assert export_line == (f"Export it: flora export {out} --format hf --out {out}/export-hf   "
+                           f"(or --format peft --out {out}/export-peft)")
+    assert chat_line == f"Chat with it: flora chat --checkpoint {out}   (or serve it: flora serve --checkpoint {out})"
+    export_args = shlex.split(export_line.removeprefix("Export it: ").split("   (")[0])
+    assert export_args[0] == "flora" and cli(*export_args[1:])[0] == 0
+    assert (out / "export-hf" / "config.json").is_file()
+    chat_args = shlex.split(chat_line.removeprefix("Chat with it: ").split("   (")[0])
+    assert cli(*chat_args[1:], "--prompt", "hi", "--max-new-tokens", "3")[0] == 0

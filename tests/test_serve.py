@@ -237,7 +237,7 @@ def test_embedded_model_judges_through_flora_serve(tmp_path):
                  MTQuestion(2, "writing", ("What is the capital of France?",))]
     answers = [{"question_id": 1, "choices": [{"turns": ["Rating: [[8]]"]}]},
                {"question_id": 2, "choices": [{"turns": ["The capital of France is Paris."]}]}]
-    process, base = start_server("--model", "embedded", "--max-new-tokens", "16")
+    process, base = start_server("--model", "embedded", "--max-new-tokens", "8")
     try:
         result = judge_answers(Judge(base, "embedded", timeout=600), questions, answers)
     finally:
