@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -117,12 +118,22 @@ def staged_dir(out: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield staging
+        _readable_by_all_as_umask_allows(staging)
         if out.is_dir():
             out.rmdir()  # empty (checked before anything was written)
         staging.rename(out)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _readable_by_all_as_umask_allows(directory: Path) -> None:
+    """``mkdtemp`` (and safetensors) create owner-only modes: give the export the modes of a plain ``mkdir``."""
+    mask = os.umask(0)
+    os.umask(mask)
+    directory.chmod(0o777 & ~mask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 # --- Hugging Face directory ----------------------------------------------------------------------

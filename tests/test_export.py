@@ -298,3 +298,16 @@ def test_run_output_ends_with_how_to_export_and_chat(assets_dir, tmp_path, fresh
     assert (out / "export-hf" / "config.json").is_file()
     chat_args = shlex.split(chat_line.removeprefix("Chat with it: ").split("   (")[0])
     assert cli(*chat_args[1:], "--prompt", "hi", "--max-new-tokens", "3")[0] == 0
+
+
+def test_export_files_have_plain_modes(exported):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for directory in ("flora-hf", "flora-peft"):
+        root = exported["root"] / directory
+        assert stat.S_IMODE(root.stat().st_mode) == 0o777 & ~mask
+        for path in root.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
