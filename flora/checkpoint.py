@@ -116,9 +116,10 @@ def _read(out_dir: str | Path, expected: RunConfig | None) -> tuple[Checkpoint, 
     return checkpoint, torch.frombuffer(bytearray(rng), dtype=torch.uint8)
 
 
-def load_run_model(out_dir: str | Path, client: int = 0):
-    """The global model of a run after its last checkpointed round: base weights + every round's
-    merge + the final global adapter merged in (standalone: client ``client``'s own adapter).
+def load_run_model(out_dir: str | Path, client: int = 0, rounds: int | None = None):
+    """The global model of a run after its last checkpointed round (or after round ``rounds``): base
+    weights + every round's merge + the final global adapter merged in (standalone: client ``client``'s
+    own adapter).
 
     Returns ``(LoadedModel, RunConfig, Checkpoint)``.
     """
@@ -126,10 +127,11 @@ def load_run_model(out_dir: str | Path, client: int = 0):
     from flora.modeling import merge_update
 
     checkpoint = read_checkpoint(out_dir)
+    check_round(out_dir, checkpoint, rounds)
     config = RunConfig.from_dict(checkpoint.config, f"{checkpoint_dir(out_dir) / 'state.json'}")
     loaded = load_model(config.model)
     state = GlobalState(loaded.model)
-    state.apply(checkpoint.updates, 0)
+    state.apply(checkpoint.updates[:rounds], 0)
     per_client = config.spec.per_client_models
     adapter = state.adapter_of(client, per_client)
     if per_client and adapter is None:
@@ -138,6 +140,13 @@ def load_run_model(out_dir: str | Path, client: int = 0):
     if adapter:
         merge_update(loaded.model, {name: B @ A for name, (A, B) in adapter.items()})
     return loaded, config, checkpoint
+
+
+def check_round(out_dir: str | Path, checkpoint: Checkpoint, rounds: int | None) -> None:
+    """:class:`CheckpointError` unless ``rounds`` is None (the last) or a round the checkpoint holds."""
+    if rounds is not None and not 1 <= rounds <= checkpoint.rounds_done:
+        raise CheckpointError(f"{checkpoint_dir(out_dir) / 'state.json'}: no round {rounds}; the checkpoint holds "
+                              f"rounds 1..{checkpoint.rounds_done}")
 
 
 def _check_same_run(path: Path, saved: dict, current: dict, rounds_done: int) -> None:
