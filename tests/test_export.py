@@ -193,7 +193,7 @@ def test_truncated_adapter_error_is_what_it_reports(exported):
     (["--format", "peft", "--rank", "0"], "--rank 0: expected a rank >= 1"),
     (["--format", "peft", "--rank", "-2"], "--rank -2: expected a rank >= 1"),
     (["--rank", "4"], "--rank 4: applies to --format peft only"),
-    (["--client", "1"], "--client applies to standalone runs only"),
+    (["--client", "1"], "--client applies to runs where each client keeps its own model"),
 ])
 def test_bad_export_is_one_error_line_and_writes_nothing(exported, tmp_path, capsys, args, message):
     fmt = [] if "--format" in args else ["--format", "hf"]
