@@ -34,7 +34,7 @@ from flora.rounds import GlobalState, RoundUpdate
 
 FORMAT_VERSION = 1
 # Keys that may change between a stopped run and its resumption; any other change is refused.
-RESUMABLE_CHANGES = ("rounds", "threads", "out_dir")
+RESUMABLE_CHANGES = ("rounds", "threads", "out_dir", "client_cpus", "client_gpus")
 
 
 class CheckpointError(ValueError):
@@ -150,6 +150,7 @@ def check_round(out_dir: str | Path, checkpoint: Checkpoint, rounds: int | None)
 
 
 def _check_same_run(path: Path, saved: dict, current: dict, rounds_done: int) -> None:
+    saved = {**RunConfig().to_dict(), **saved}  # keys added since the checkpoint was written: their defaults
     changed = sorted(k for k in set(saved) | set(current)
                      if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
     if changed:

@@ -62,7 +62,10 @@ class FederationClient:
         examples = self.assets.examples("train:all" if spec.pooled else f"train:{client}", config.cutoff)
         steps = config.local_steps * (config.num_clients if spec.pooled else 1)  # same token budget as the federation
         train_spec = TrainSpec(steps=steps, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
-                               lr=config.lr, seed=train_seed(config, round_, client))
+                               lr=config.lr, seed=train_seed(config, round_, client),
+                               gradient_checkpointing=config.gradient_checkpointing,
+                               lr_schedule=config.lr_schedule, warmup_steps=config.warmup_steps,
+                               schedule_start=(round_ - 1) * steps, schedule_steps=config.rounds * steps)
         result = train_client(self.state.model, self.assets.tokenizer, examples, lora_spec(config, rank, client),
                               train_spec, init_seed=init_seed(config, round_, client),
                               init_factors=self.start_factors(client, rank))

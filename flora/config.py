@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +14,10 @@ from pathlib import Path
 from flora.adapters import ADAPTER_KINDS, DEFAULT_TARGETS
 from flora.lora.methods import METHODS, MethodSpec
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = ("none", "8bit", "4bit")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 class ConfigError(ValueError):
@@ -61,6 +66,15 @@ class RunConfig:
     batch_size: int = 8
     micro_batch_size: int = 4
     lr: float = 3e-4
+    lr_schedule: str = "constant"  # constant | cosine | linear, over the whole run (flora/train.py: lr_factor)
+    warmup_steps: int = 0  # optimizer steps of linear warm-up at the start of the run (0 = none)
+    # hardware (flora/hardware.py)
+    device: str = "cpu"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "float32"  # auto (bfloat16 on a CUDA device that supports it, else float32) | float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, same losses
+    quantize: str = "none"  # none | 8bit | 4bit (bitsandbytes; 4bit = NF4 with double quantization, as QLoRA)
+    client_cpus: int = 0  # Flower simulation: CPU cores reserved per client (0 = all cores: one client at a time)
+    client_gpus: float = 0.0  # Flower simulation: GPUs per client (fractional: 0.25 = four clients per GPU)
     # evaluation and run
     eval_examples: int = 64  # global test examples scored every round (0 = all)
     client_eval_examples: int = 16  # per client: examples of its own test split scored every round (0 = off)
@@ -138,7 +152,28 @@ class RunConfig:
                 raise ConfigError(f"{key} = {getattr(self, key)}: expected a value >= 0")
         if not self.targets:
             raise ConfigError("targets: expected at least one module name (e.g. q_proj)")
+        self._validate_hardware()
         self._validate_dp()
+
+    def _validate_hardware(self) -> None:
+        """Spelling and ranges only: whether this machine has the device (and bitsandbytes supports it) is
+        checked where the model is loaded (``flora/hardware.py``), since a server and its clients may differ."""
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"device = {self.device!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype = {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize = {self.quantize!r}: expected one of {', '.join(QUANTIZE)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule = {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps = {self.warmup_steps}: expected an integer >= 0")
+        if self.client_cpus < 0 or not 0 <= self.client_gpus < math.inf:
+            raise ConfigError(f"client_cpus = {self.client_cpus}, client_gpus = {self.client_gpus}: expected "
+                              f"values >= 0 (0 cpus = all cores)")
+        if self.client_gpus > 0 and self.device == "cpu":
+            raise ConfigError(f"client_gpus = {self.client_gpus} with device = 'cpu': clients would reserve a GPU "
+                              f"they do not use; set device = 'cuda' (or 'auto') or client_gpus = 0")
 
     def _validate_dp(self) -> None:
         if self.dp_noise_multiplier < 0 or not math.isfinite(self.dp_noise_multiplier):

@@ -50,7 +50,7 @@ def merge_update(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> 
             weight = model.get_submodule(name).weight
             if weight.shape != delta.shape:
                 raise ValueError(f"merge: update for {name!r} has shape {tuple(delta.shape)}, layer is {tuple(weight.shape)}")
-            weight.add_(delta.to(weight.dtype))
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
 
 
 def causal_lm_parts(model: torch.nn.Module):
@@ -63,15 +63,18 @@ def target_token_losses(model: torch.nn.Module, batch: Mapping[str, torch.Tensor
     """Next-token cross-entropy of every target token ``(N,)`` and the batch row it belongs to ``(N,)``.
 
     The output head runs on target positions only: ``hidden (B, T, h)`` → ``(N, h)`` for the
-    ``N`` positions whose next token is a target, → logits ``(N, V)``.
+    ``N`` positions whose next token is a target, → logits ``(N, V)``. The batch moves to the model's
+    device; the losses (float32) stay there.
     """
     decoder, head = causal_lm_parts(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
+    device = head.weight.device
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = batch["labels"][:, 1:].to(device)
     mask = targets != IGNORE_INDEX
     logits = head(hidden[:, :-1][mask])
     losses = F.cross_entropy(logits.float(), targets[mask], reduction="none")
-    rows = torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)[mask]
+    rows = torch.arange(mask.shape[0], device=device).unsqueeze(1).expand_as(mask)[mask]
     return losses, rows
 
 

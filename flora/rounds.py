@@ -10,6 +10,10 @@ global adapter (methods whose clients continue from it keep training it); see th
   adapter (each client takes its first ``r_k`` ranks where the method truncates);
 * ``fedex``: ``adapter`` = averages, ``merge`` = the dense residual;
 * ``standalone``: ``client_adapters`` = each client's own adapter, nothing is aggregated.
+
+How a ``merge`` reaches a layer depends on its weights (``flora/precision.py``): added in place to float32
+weights; kept beside half-precision and quantized ones as a frozen float32 delta added to the layer's output.
+The global update stays exact in float32 in every case.
 """
 
 from __future__ import annotations
@@ -22,17 +26,8 @@ import torch
 
 from flora.data.tokenize import Example
 from flora.lora.factors import Factors, truncate_factors
-from flora.modeling import evaluate_loss, merge_update
-
-Merge = Factors | torch.Tensor  # (A, B) whose product is added, or a dense (out, in) tensor
-
-
-def dense(merge: Merge) -> torch.Tensor:
-    """The ``(out, in)`` update a merge part adds."""
-    if isinstance(merge, torch.Tensor):
-        return merge
-    A, B = merge
-    return B @ A
+from flora.modeling import evaluate_loss
+from flora.precision import Merge, apply_merges, dense, temporary_update  # noqa: F401 (Merge, dense: re-exported)
 
 
 def nbytes(obj) -> int:
@@ -98,7 +93,7 @@ class GlobalState:
         for index, update in enumerate(updates, start=first_index):
             if index < self.applied:
                 continue
-            merge_update(self.model, {name: dense(m) for name, m in update.merge.items()})
+            apply_merges(self.model, update.merge)  # in place, or beside the layer (precision.py)
             if update.adapter is not None:
                 self.adapter = update.adapter
             if update.client_adapters is not None:
@@ -117,15 +112,8 @@ class GlobalState:
                  batch_size: int = 8) -> float:
         """Loss of base + ``adapter`` (merged temporarily; the base weights are restored bit for bit, also
         when merging or evaluating fails half-way)."""
-        adapter = adapter or {}
-        saved = {name: self.model.get_submodule(name).weight.detach().clone() for name in adapter}
-        try:
-            merge_update(self.model, {name: B @ A for name, (A, B) in adapter.items()})
+        with temporary_update(self.model, {name: B @ A for name, (A, B) in (adapter or {}).items()}):
             return evaluate_loss(self.model, tokenizer, examples, batch_size)
-        finally:
-            with torch.no_grad():
-                for name, weight in saved.items():
-                    self.model.get_submodule(name).weight.copy_(weight)
 
     def adapter_of(self, client: int, per_client: bool) -> dict[str, Factors] | None:
         """The adapter on top of the merged weights that makes client ``client``'s model: its own

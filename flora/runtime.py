@@ -20,6 +20,7 @@ from flora.config import ConfigError, RunConfig
 from flora.data.partition import Partition, partition
 from flora.data.sources import load_records
 from flora.data.tokenize import Example, encode_all
+from flora.hardware import model_options, prepare_quantized
 from flora.models.loader import check_target_modules, load_model
 from flora.modeling import layer_shapes
 from flora.rounds import GlobalState
@@ -38,6 +39,9 @@ class AssetKey:
     dirichlet_alpha: float
     test_fraction: float
     seed: int
+    device: str
+    dtype: str
+    quantize: str
 
     @classmethod
     def of(cls, config: RunConfig) -> AssetKey:
@@ -78,8 +82,10 @@ def load_assets(config: RunConfig) -> Assets:
     """Model, tokenizer, records and partition for ``config`` (uncached; see :class:`Runtime`)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    loaded = load_model(config.model)
+    loaded = load_model(config.model, **model_options(config))
     check_target_modules(loaded.model, config.targets)
+    if config.quantize != "none":
+        prepare_quantized(loaded.model)
     records, _ = load_records(config.data, fmt=config.format)
     num_clients = config.num_partitions
     split = partition(records, num_clients, scheme=config.partition if num_clients > 1 else "iid",

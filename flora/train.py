@@ -6,10 +6,16 @@ optimizer steps, returns the factors ``{layer: (A (r, in), B (out, r))}`` with t
 into ``B``, and detaches the adapter again, so the base weights are untouched. The adapter kind
 (LoRA, AdaLoRA) is an object of ``flora/adapters.py``; the loss and model primitives are in
 ``flora/modeling.py``.
+
+The model may sit on any device and in any dtype (``flora/hardware.py``): batches follow the model, the
+adapter is float32 (peft keeps LoRA weights of a half-precision base in float32), and the factors come back
+float32 on the host, whatever the base. Learning-rate schedules (:func:`lr_factor`) run over the whole run's
+optimizer steps; ``constant`` without warm-up adds no scheduler at all.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +26,7 @@ from peft import get_peft_model
 
 from flora.adapters import ADAPTER, ADAPTER_KINDS, LoraSpec, lora_layers
 from flora.data.tokenize import Example, collate
+from flora.hardware import set_checkpointing
 from flora.lora.factors import Factors
 from flora.modeling import micro_batches, pad_token_id, target_loss_sum
 
@@ -32,6 +39,16 @@ class TrainSpec:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    gradient_checkpointing: bool = False  # recompute decoder-layer activations in the backward pass
+    lr_schedule: str = "constant"  # constant | cosine | linear (:func:`lr_factor`)
+    warmup_steps: int = 0
+    schedule_start: int = 0  # optimizer steps of the schedule before this round's first (whole-run schedule)
+    schedule_steps: int = 0  # the schedule's length in optimizer steps (0 = this round's ``steps``)
+
+    @property
+    def scheduled(self) -> bool:
+        """The learning rate changes over the steps (else a plain constant, with no scheduler object)."""
+        return self.lr_schedule != "constant" or self.warmup_steps > 0
 
 
 @dataclass
@@ -76,6 +93,11 @@ def extract_factors(peft_model) -> dict[str, Factors]:
     return ADAPTER_KINDS["lora"].extract(peft_model)
 
 
+def on_host(factors: Mapping[str, Factors]) -> dict[str, Factors]:
+    """The factors as float32 host tensors (what travels and is aggregated); no copy where they already are."""
+    return {name: (A.to("cpu", torch.float32), B.to("cpu", torch.float32)) for name, (A, B) in factors.items()}
+
+
 def set_adapter_factors(peft_model, factors: Mapping[str, Factors]) -> None:
     """Load ``(A, scaling · B)`` factors into the adapter (un-folding the scaling)."""
     seen = set()
@@ -94,6 +116,32 @@ def set_adapter_factors(peft_model, factors: Mapping[str, Factors]) -> None:
     extra = set(factors) - seen
     if extra:
         raise KeyError(f"init factors: layers {sorted(extra)[:5]} are not adapted in this model")
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based) of ``total``: linear warm-up
+    ``step / warmup`` over the first ``warmup`` steps, then ``constant`` 1, ``linear`` decay to 0 at ``total``,
+    or ``cosine`` (half a cosine) to 0 at ``total``; the formulas of transformers' ``get_scheduler``
+    (``constant_with_warmup``, ``linear``, ``cosine``), so a run matches a centralised trainer's schedule."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"lr_schedule {schedule!r}: expected constant, cosine or linear")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec):
+    """A ``LambdaLR`` stepping :func:`lr_factor` from ``train.schedule_start``; None when the lr is constant."""
+    if not train.scheduled:
+        return None
+    total = train.schedule_steps or train.steps
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        train.lr_schedule, train.schedule_start + step, total, train.warmup_steps))
 
 
 def batch_schedule(num_examples: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -118,12 +166,15 @@ def train_client(model: torch.nn.Module, tokenizer, examples: Sequence[Example],
         raise ValueError("train_client: the client has no training examples")
     was_training = model.training
     kind = lora.kind
+    if train.gradient_checkpointing:
+        set_checkpointing(model, True)
     peft_model = attach_adapter(model, lora, init_seed=train.seed if init_seed is None else init_seed,
                                 init_factors=init_factors, total_steps=train.steps)
     try:
         torch.manual_seed(train.seed)  # LoRA dropout
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        scheduler = make_scheduler(optimizer, train)
         pad_id = pad_token_id(tokenizer)
         peft_model.train()
         losses, tokens, target_tokens = [], 0, 0
@@ -144,15 +195,19 @@ def train_client(model: torch.nn.Module, tokenizer, examples: Sequence[Example],
             if train.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             kind.after_step(peft_model, step)
             target_tokens += n_targets
             losses.append(step_loss / n_targets)
             if progress is not None:
                 progress(step + 1, losses[-1])
         seconds = time.perf_counter() - start
-        factors = kind.extract(peft_model)
+        factors = on_host(kind.extract(peft_model))
     finally:
         base = detach_adapter(peft_model)
         base.train(was_training)
+        if train.gradient_checkpointing:
+            set_checkpointing(base, False)
     return ClientResult(factors=factors, num_examples=len(examples), train_loss=float(np.mean(losses)),
                         steps=len(losses), target_tokens=target_tokens, tokens=tokens, seconds=seconds, losses=losses)

@@ -137,13 +137,24 @@ def convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def load_model(source: str | os.PathLike = "embedded", cache_dir: Path | None = None,
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``source`` ('embedded', a HF directory or a .gguf file) with its tokenizer, offline."""
+               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+               quantization=None) -> LoadedModel:
+    """Load ``source`` ('embedded', a HF directory or a .gguf file) with its tokenizer, offline.
+
+    ``dtype``: of the weights (and the compute dtype of quantized layers); ``device``: where the model is
+    placed (default: the CPU); ``quantization``: a transformers ``BitsAndBytesConfig`` (see
+    ``flora/hardware.py``), loaded straight onto ``device``.
+    """
     from transformers import AutoModelForCausalLM
 
     directory = resolve_model_dir(source, cache_dir)
+    options = {}
+    if quantization is not None:
+        options = {"quantization_config": quantization, "device_map": {"": str(device or "cpu")}}
+    elif device is not None and torch.device(device).type != "cpu":
+        options = {"device_map": {"": str(device)}}  # straight onto the device, never a whole copy in host memory
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **options)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"model directory {directory}: cannot be loaded as a causal LM ({exc})") from exc
     tokenizer = load_tokenizer(directory)
