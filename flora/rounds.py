@@ -6,6 +6,8 @@ global adapter (methods whose clients continue from it keep training it); see th
 
 * merging methods (``flora``, ``centralized``): ``merge`` = the aggregate ``Σ p_k B_k A_k`` in its
   broadcast form; clients start a fresh adapter of their rank every round;
+* ``flora-warm``: ``merge`` = the aggregate ``Σ p_k (B_k A_k − B⁰_k A⁰_k)``; every party also keeps the
+  warm source (``GlobalState.warm``) the clients' start factors are cut from;
 * continuing methods (``fedit``, ``ffa``, ``zeropad``, ``flexlora``): ``adapter`` = the aggregated
   adapter (each client takes its first ``r_k`` ranks where the method truncates);
 * ``fedex``: ``adapter`` = averages, ``merge`` = the dense residual;
@@ -22,7 +24,8 @@ import torch
 
 from flora.data.tokenize import Example
 from flora.lora.factors import Factors, truncate_factors
-from flora.modeling import evaluate_loss, merge_update
+from flora.lora.warm import WarmSource
+from flora.modeling import evaluate_loss, merge_update, weights_added
 
 Merge = Factors | torch.Tensor  # (A, B) whose product is added, or a dense (out, in) tensor
 
@@ -83,13 +86,15 @@ class ClientReply:
 
 class GlobalState:
     """Base weights with every applied ``merge``, and the latest adapters (held by the server and by
-    every client process)."""
+    every client process); with ``warm`` (a warm-starting method) also the source of the warm factors,
+    fed with every applied merge."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, warm: WarmSource | None = None):
         self.model = model
         self.applied = 0  # number of round updates merged into ``model``
         self.adapter: dict[str, Factors] | None = None
         self.client_adapters: dict[int, dict[str, Factors]] = {}
+        self.warm = warm
 
     def apply(self, updates: Sequence[RoundUpdate], first_index: int) -> None:
         """Apply ``updates`` (history entries ``first_index, first_index + 1, ...``) not yet applied."""
@@ -99,6 +104,8 @@ class GlobalState:
             if index < self.applied:
                 continue
             merge_update(self.model, {name: dense(m) for name, m in update.merge.items()})
+            if self.warm is not None:
+                self.warm.add(update.merge)
             if update.adapter is not None:
                 self.adapter = update.adapter
             if update.client_adapters is not None:
@@ -117,15 +124,8 @@ class GlobalState:
                  batch_size: int = 8) -> float:
         """Loss of base + ``adapter`` (merged temporarily; the base weights are restored bit for bit, also
         when merging or evaluating fails half-way)."""
-        adapter = adapter or {}
-        saved = {name: self.model.get_submodule(name).weight.detach().clone() for name in adapter}
-        try:
-            merge_update(self.model, {name: B @ A for name, (A, B) in adapter.items()})
+        with weights_added(self.model, {name: B @ A for name, (A, B) in (adapter or {}).items()}):
             return evaluate_loss(self.model, tokenizer, examples, batch_size)
-        finally:
-            with torch.no_grad():
-                for name, weight in saved.items():
-                    self.model.get_submodule(name).weight.copy_(weight)
 
     def adapter_of(self, client: int, per_client: bool) -> dict[str, Factors] | None:
         """The adapter on top of the merged weights that makes client ``client``'s model: its own
