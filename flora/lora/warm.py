@@ -15,6 +15,8 @@ client ``k``   rank ``r_k``, ``q_k = min(r_k, q)`` warm ranks; scaling folded in
                ``lora`` split (default): ``A⁰_k = c · V_{q_k}ᵀ (q_k, in)``, ``B⁰_k = U_{q_k} S_{q_k} / c (out, q_k)``
                ``balanced`` split: ``A⁰_k = S^½ Vᵀ``, ``B⁰_k = U S^½`` (first ``q_k`` ranks);
                ``B⁰_k A⁰_k`` is the best rank-``q_k`` approximation of ``G`` (Eckart–Young) whatever the split.
+               peft holds ``B⁰_k / s_k`` (``s_k = alpha_k / r_k``, un-folded by ``set_adapter_factors``), so
+               ``s_k · B A`` starts at ``B⁰_k A⁰_k``; the factors do not depend on ``s_k``.
                The adapter's other ``r_k − q_k`` ranks start fresh (seeded ``A`` rows, ``B = 0``: product 0);
                in round 1 (``G`` = 0) every rank does, so round 1 is FLoRA's.
 client base    ``W_t − B⁰_k A⁰_k`` while it trains (the exact saved weights are copied back afterwards; no
