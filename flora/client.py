@@ -1,17 +1,20 @@
 """One client process, as plain Python: keep the global state in sync, train a partition's adapter.
 
 How the client starts its adapter each round comes from the method's registry entry
-(``config.spec``: fresh, the global adapter, its first ``r_k`` ranks, or its own); the Flower
-ClientApp (``client_app.py``) is a thin skin over :meth:`FederationClient.train`.
+(``config.spec``: fresh, the global adapter, its first ``r_k`` ranks, its own, or warm factors with
+the base weights shifted); the Flower ClientApp (``client_app.py``) is a thin skin over
+:meth:`FederationClient.train`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from flora.adapters import LoraSpec
 from flora.config import RunConfig
 from flora.lora.factors import Factors
+from flora.precision import temporary_update
 from flora.rounds import ClientReply, RoundUpdate
 from flora.runtime import Runtime
 from flora.train import TrainSpec, train_client
@@ -66,14 +69,30 @@ class FederationClient:
                                gradient_checkpointing=config.gradient_checkpointing,
                                lr_schedule=config.lr_schedule, warmup_steps=config.warmup_steps,
                                schedule_start=(round_ - 1) * steps, schedule_steps=config.rounds * steps)
-        result = train_client(self.state.model, self.assets.tokenizer, examples, lora_spec(config, rank, client),
-                              train_spec, init_seed=init_seed(config, round_, client),
-                              init_factors=self.start_factors(client, rank))
+        with self.round_start(client, rank) as start:
+            result = train_client(self.state.model, self.assets.tokenizer, examples, lora_spec(config, rank, client),
+                                  train_spec, init_seed=init_seed(config, round_, client), init_factors=start,
+                                  fill_fresh=spec.warm_start)
         if spec.per_client_models:
             self.state.client_adapters[client] = result.factors  # never leaves this client in a deployment
         return ClientReply(client=client, node=node, factors=result.factors, num_examples=result.num_examples,
                            train_loss=result.train_loss, tokens=result.tokens, seconds=result.seconds,
                            applied=self.state.applied, rank=rank)
+
+    @contextmanager
+    def round_start(self, client: int, rank: int) -> Iterator[dict[str, Factors] | None]:
+        """The factors this round's adapter starts from (None: fresh), inside a block in which the model's base
+        weights are what the adapter trains on top of.
+
+        A warm start (``flora/lora/warm.py``) yields ``(A⁰, B⁰)`` of at most ``rank`` ranks per layer (ranks and
+        layers it leaves out start fresh) and shifts the base to ``W − B⁰ A⁰`` inside the block, so base +
+        adapter is the global model; the exact saved weights come back on exit. Other starts leave the base."""
+        if not self.config.spec.warm_start:
+            yield self.start_factors(client, rank)
+            return
+        start = self.state.warm.factors(rank, self.config.warm_split)
+        with temporary_update(self.state.model, {name: -(B @ A) for name, (A, B) in start.items()}):
+            yield start
 
     def start_factors(self, client: int, rank: int) -> dict[str, Factors] | None:
         """The factors this round's adapter starts from (None: a fresh adapter)."""

@@ -32,7 +32,7 @@ from flora.lora.methods import aggregate
 from flora.lora.refactor import refactorize, smallest_exact_form
 from flora.lora.robust import clip_update, mad_outliers, update_norm
 from flora.rounds import ClientReply, GlobalState, Merge, RoundUpdate, dense, nbytes
-from flora.runtime import Assets
+from flora.runtime import Assets, global_state
 
 log = logging.getLogger("flora")
 
@@ -59,7 +59,7 @@ class FederationServer:
     def __init__(self, config: RunConfig, assets: Assets):
         self.config = config
         self.assets = assets
-        self.state = GlobalState(assets.model)
+        self.state: GlobalState = global_state(config, assets.model)
         self.history: list[RoundUpdate] = []
         self.node_applied: dict[str, int] = {}  # how many history entries each node's model holds
         self.metrics: list[dict] = []
@@ -121,6 +121,11 @@ class FederationServer:
                 screening.failed.append(reply)
                 log.warning("round %d: client %d (node %s) failed: %s", round_, reply.client, reply.node, reply.error)
                 continue
+            if self.config.spec.warm_start and reply.applied != len(self.history):
+                screening.rejected.append(reply)  # its warm start was cut from another global model than ours
+                log.warning("round %d: rejected update: client %d trained on %d round updates, the server holds %d",
+                            round_, reply.client, reply.applied, len(self.history))
+                continue
             try:
                 check_update(reply.factors, client=reply.client, layer_shapes=self.assets.layer_shapes,
                              max_norm=config.max_update_norm or None)
@@ -171,7 +176,11 @@ class FederationServer:
         updates = [r.factors for r in accepted]
         weights = client_weights([r.num_examples for r in accepted], scheme=config.weighting,
                                  num_clients=len(accepted))
-        result = aggregate(config.method, updates, weights, layer_shapes=self.assets.layer_shapes)
+        options = {}
+        if spec.warm_start:  # the factors every client started from (a prefix of them, its rank's), as it computed them
+            options["start"] = self.state.warm.factors(max(A.shape[0] for u in updates for A, _ in u.values()),
+                                                       config.warm_split)
+        result = aggregate(config.method, updates, weights, layer_shapes=self.assets.layer_shapes, **options)
         error = aggregation_error(result, updates, weights)["overall"]
         update = RoundUpdate(round=round_)
         if spec.merges:

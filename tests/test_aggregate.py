@@ -152,7 +152,7 @@ def test_registry_is_consistent():
         assert (spec.aggregate is None) == spec.per_client_models  # only standalone skips aggregation
         if spec.truncates:
             assert not spec.equal_ranks  # truncation exists to serve mixed ranks
-    assert set(AGGREGATION_METHODS) == {"flora", "fedit", "zeropad", "flexlora", "ffa", "fedex"}
+    assert set(AGGREGATION_METHODS) == {"flora", "fedit", "zeropad", "flexlora", "ffa", "fedex", "flora-warm"}
 
 
 def test_weights_by_examples_and_uniform():

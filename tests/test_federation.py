@@ -26,7 +26,7 @@ def tiny_config(assets_dir, tmp_path, **overrides) -> RunConfig:
 
 @pytest.mark.parametrize("method, ranks", [
     ("flora", [4, 2, 1]), ("zeropad", [4, 2, 1]), ("flexlora", [4, 2, 1]), ("fedit", [2]), ("ffa", [2]),
-    ("fedex", [2]), ("standalone", [4, 2, 1]), ("centralized", [4, 2, 1]),
+    ("fedex", [2]), ("standalone", [4, 2, 1]), ("centralized", [4, 2, 1]), ("flora-warm", [4, 2, 1]),
 ])
 def test_every_method_runs_and_writes_metrics(assets_dir, tmp_path, method, ranks):
     config = tiny_config(assets_dir, tmp_path, method=method, ranks=ranks)
@@ -37,7 +37,7 @@ def test_every_method_runs_and_writes_metrics(assets_dir, tmp_path, method, rank
                 "clients_ok", "clients_failed", "seconds"):
         assert key in lines[0]
     assert all(math.isfinite(m["test_loss"]) for m in metrics)
-    if method in ("flora", "fedex", "ffa", "flexlora", "centralized"):
+    if method in ("flora", "fedex", "ffa", "flexlora", "centralized", "flora-warm"):
         assert metrics[-1]["aggregation_error"] < 1e-4
     if method in ("fedit", "zeropad"):
         assert metrics[-1]["aggregation_error"] > 1e-3
@@ -181,7 +181,7 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method, ranks", [("flora", [4, 2, 1]), ("zeropad", [4, 2, 1]), ("fedex", [2]),
-                                           ("standalone", [4, 2, 1])])
+                                           ("standalone", [4, 2, 1]), ("flora-warm", [4, 2, 1])])
 def test_resume_equals_uninterrupted_run(assets_dir, tmp_path, method, ranks):
     config = tiny_config(assets_dir, tmp_path / "full", method=method, ranks=ranks, rounds=3)
     uninterrupted = run_in_process(config, progress=lambda _: None)

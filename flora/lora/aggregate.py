@@ -19,15 +19,20 @@ zeropad    pad to r_max, average; client k keeps r_k      no       any mix
 flexlora   ΔW = Σ p_k B_k A_k; client k gets rank-r_k SVD yes*     any mix
 ffa        A shared and frozen, B = Σ p_k B_k             yes      equal
 fedex      fedit + residual Σ p_k B_k A_k − B̄ Ā           yes      equal
+flora-warm stack B_k A_k − B⁰_k A⁰_k (warm starts, below)     yes      any mix
 ========== ============================================== ======== ==========
 
 (*) the global update is exact; each client's truncation error is in ``truncation_error``.
+
+``flora-warm``'s clients start from warm factors ``(A⁰_k, B⁰_k)`` (``flora/lora/warm.py``), so a client's
+contribution is ``B_k A_k − B⁰_k A⁰_k``, not its uploaded product; ``result.contributions`` holds them and
+:func:`aggregation_error` measures against ``Σ p_k`` of those.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +58,7 @@ class AggregationResult:
     client_factors: list[dict[str, Factors]] | None = None
     residual: dict[str, torch.Tensor] | None = None
     truncation_error: list[dict[str, float]] | None = None  # flexlora: per client, per layer
+    contributions: list[dict[str, Factors]] | None = None  # flora-warm: client k's B_k A_k − B⁰_k A⁰_k as factors
 
     @property
     def layer_names(self) -> list[str]:
@@ -178,6 +184,36 @@ def aggregate_fedex(updates: Sequence[ClientUpdate], weights: Sequence[float]) -
     return AggregationResult("fedex", list(weights), global_factors, residual=residual)
 
 
+def aggregate_flora_warm(updates: Sequence[ClientUpdate], weights: Sequence[float],
+                         start: Mapping[str, Factors] | None = None) -> AggregationResult:
+    """FLoRA with warm starts: ``Σ p_k (B_k A_k − B⁰_k A⁰_k)`` exactly, for any mix of ranks.
+
+    ``start[layer] = (A⁰ (q, in), B⁰ (out, q))``: the warm factors every client's start is a prefix of (scaling
+    folded into ``B⁰``); client ``k`` started from its first ``q_k = min(r_k, q)`` ranks, ``r_k`` = its reply's
+    rank. A layer missing from ``start`` (round 1) started fresh: plain stacking. Because the starts are nested,
+    ``Σ p_k B⁰_k A⁰_k = B⁰ diag(w) A⁰`` with ``w_i = Σ_{k: q_k > i} p_k``, so the global factors are
+
+        A = [A_1; …; A_K; A⁰]   (Σ r_k + max q_k, in)      B = [p_1 B_1, …, p_K B_K, −B⁰ diag(w)]   (out, ·)
+
+    (``max q_k`` extra ranks, not ``Σ q_k``). ``contributions[k][layer] = ([A_k; A⁰_k], [B_k, −B⁰_k])`` per client,
+    the reference :func:`aggregation_error` checks the stacked sum against.
+    """
+    start = start or {}
+    global_factors: dict[str, Factors] = {}
+    contributions: list[dict[str, Factors]] = [dict(u) for u in updates]
+    for name, fs in _by_layer(updates).items():
+        A, B = _stack(fs, weights)
+        if name in start:
+            A0, B0 = (t.to(A.dtype) for t in start[name])
+            q = [min(A_k.shape[0], A0.shape[0]) for A_k, _ in fs]
+            w = torch.tensor([sum(p for p, q_k in zip(weights, q) if q_k > i) for i in range(max(q))], dtype=B.dtype)
+            A, B = torch.cat([A, A0[:len(w)]]), torch.cat([B, -B0[:, :len(w)] * w], dim=1)
+            for k, ((A_k, B_k), q_k) in enumerate(zip(fs, q)):
+                contributions[k][name] = (torch.cat([A_k, A0[:q_k]]), torch.cat([B_k, -B0[:, :q_k]], dim=1))
+        global_factors[name] = (A, B)
+    return AggregationResult("flora-warm", list(weights), global_factors, contributions=contributions)
+
+
 # --- error ---------------------------------------------------------------------------------------
 
 def reference_delta(updates: Sequence[ClientUpdate], weights: Sequence[float], layer: str) -> torch.Tensor:
@@ -195,9 +231,12 @@ def aggregation_error(result: AggregationResult, updates: Sequence[ClientUpdate]
                       weights: Sequence[float]) -> dict[str, float]:
     """Relative Frobenius error ``‖Δ_method − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖``.
 
-    Returns ``{layer: error, ..., "overall": error}``; overall pools the squared norms of all
-    layers. Computed in float64.
+    ``B_k A_k`` is client ``k``'s contribution: its update, or ``result.contributions[k]`` where the method
+    records one (warm starts). Returns ``{layer: error, ..., "overall": error}``; overall pools the squared
+    norms of all layers. Computed in float64.
     """
+    if result.contributions is not None:
+        updates = result.contributions
     errors: dict[str, float] = {}
     err_sq_total = ref_sq_total = 0.0
     for name in result.layer_names:
