@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="OpenAI-compatible API base, e.g. https://api.openai.com/v1 (env FLORA_JUDGE_URL)")
     ev.add_argument("--judge-model", default=os.environ.get("FLORA_JUDGE_MODEL", "gpt-4"))
     ev.add_argument("--judge-key-env", default="FLORA_JUDGE_API_KEY", help="env variable holding the API key")
+    ev.add_argument("--judge-timeout", type=float, default=120.0, metavar="SECONDS",
+                    help="per judgement (a local `flora serve` judge on a CPU may need more)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default=None, help="JSON file to write (default: OUT/eval.json or eval.json)")

@@ -10,7 +10,8 @@
 Bad requests get a 4xx with OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``: 400
 for a malformed or invalid body (the message names the field), 404 for an unknown model id, 400 with
 code ``context_length_exceeded`` for a conversation longer than the model's context. One model serves
-every request, so generation is serialised by one lock; requests wait their turn.
+every request, so its use is serialised by one lock: a whole reply, or for a stream each token's step
+(a stream whose client leaves holds nothing).
 """
 
 from __future__ import annotations
@@ -109,14 +110,15 @@ def create_app(chat: ChatModel, max_new_tokens: int = 512) -> FastAPI:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves {chat.name!r} "
                                 "(GET /v1/models)", param="model", code="model_not_found")
         messages = [m.model_dump() for m in body.messages]
-        try:
-            reply = Reply(chat, messages, body.sampling(max_new_tokens))
-        except ChatError as exc:
-            raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if body.stream:
-            return StreamingResponse(_events(reply, lock, completion_id, chat.name), media_type="text/event-stream")
-        with lock:
+        with lock:  # the tokenizer is shared too (fast tokenizers refuse concurrent use)
+            try:
+                reply = Reply(chat, messages, body.sampling(max_new_tokens))
+            except ChatError as exc:
+                raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+            if body.stream:
+                return StreamingResponse(_events(reply, lock, completion_id, chat.name),
+                                         media_type="text/event-stream")
             text = "".join(reply)
         return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": chat.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -134,12 +136,22 @@ def _events(reply: Reply, lock: threading.Lock, completion_id: str, model: str) 
                  "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
         return f"data: {json.dumps(chunk)}\n\n"
 
-    with lock:
-        yield event({"role": "assistant", "content": ""})
-        for piece in reply:
-            yield event({"content": piece})
-        yield event({}, reply.finish_reason)
+    yield event({"role": "assistant", "content": ""})
+    for piece in _locked(iter(reply), lock):
+        yield event({"content": piece})
+    yield event({}, reply.finish_reason)
     yield "data: [DONE]\n\n"
+
+
+def _locked(pieces: Iterator[str], lock: threading.Lock) -> Iterator[str]:
+    """``pieces``, computing each under ``lock`` but holding it at no ``yield``: a client that goes away
+    mid-stream leaves a suspended generator behind, never a held lock (concurrent streams interleave by token)."""
+    while True:
+        with lock:
+            piece = next(pieces, None)
+        if piece is None:
+            return
+        yield piece
 
 
 def serve(chat: ChatModel, host: str = "127.0.0.1", port: int = 8000, max_new_tokens: int = 512,

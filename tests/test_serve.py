@@ -203,11 +203,16 @@ def test_mtbench_judged_by_a_real_flora_serve(lively_dir, tmp_path, capsys):
     try:
         rc = main(["eval", "--model", str(lively_dir), "--mmlu", "-1", "--mtbench", str(questions),
                    "--max-new-tokens", "4", "--judge-url", base, "--judge-model", "tiny-judge",
-                   "--out", str(tmp_path / "eval.json"), "--quiet"])
+                   "--judge-timeout", "300", "--out", str(tmp_path / "eval.json"), "--quiet"])
         models = httpx.get(f"{base}/models", timeout=5).json()
-        with httpx.stream("POST", f"{base}/chat/completions", timeout=60, json={
-                "model": "tiny-judge", "messages": MESSAGES, "stream": True, "max_tokens": 3}) as response:
+        request = {"model": "tiny-judge", "messages": MESSAGES, "stream": True, "max_tokens": 3}
+        with httpx.stream("POST", f"{base}/chat/completions", timeout=60, json=request) as response:
             events = [line for line in response.iter_lines() if line]
+        with httpx.stream("POST", f"{base}/chat/completions", timeout=60,
+                          json={**request, "max_tokens": 12}) as response:
+            next(response.iter_lines())  # a client that leaves after the first event ...
+        after = httpx.post(f"{base}/chat/completions", timeout=60,  # ... leaves the model free for the next
+                           json={"model": "tiny-judge", "messages": MESSAGES, "max_tokens": 2})
     finally:
         log = stop_server(process)
     assert rc == 0
@@ -224,6 +229,7 @@ def test_mtbench_judged_by_a_real_flora_serve(lively_dir, tmp_path, capsys):
     assert "question 82 turn 1: judge failed: judge http://127.0.0.1" in out
     assert (result["unparsed"], result["failed"], result["judged"]) == (3, 1, True)
     assert models["data"][0]["id"] == "tiny-judge" and events[-1] == "data: [DONE]"
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 2
     assert "flora serve: 'tiny-judge' at http://127.0.0.1:" in log and "POST /v1/chat/completions" in log
 
 
