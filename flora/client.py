@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from flora.adapters import LoraSpec
 from flora.config import RunConfig
 from flora.lora.factors import Factors
+from flora.modeling import merged
 from flora.rounds import ClientReply, RoundUpdate
 from flora.runtime import Runtime
-from flora.train import TrainSpec, train_client
+from flora.train import TrainSpec, attach_adapter, detach_adapter, extract_factors, train_client
 
 
 def lora_spec(config: RunConfig, rank: int, client: int = 0) -> LoraSpec:
@@ -35,6 +38,33 @@ def init_seed(config: RunConfig, round_: int, client: int) -> int:
     """Seed of a fresh adapter's A: one for every client where the method shares its initialisation,
     else one per round and client."""
     return config.seed * 7919 + (0 if config.spec.shared_init else round_ * 1_009 + client + 1)
+
+
+def global_rank(config: RunConfig) -> int:
+    """Rank ``R`` of the global adapter of a module-selecting method (Fed-PLoRA): the largest client rank."""
+    return max(config.client_rank(k) for k in range(config.num_partitions))
+
+
+def module_draw(config: RunConfig, round_: int, client: int, rank: int) -> list[int]:
+    """The ``rank`` modules (of ``global_rank``) client ``client`` trains in ``round_``: drawn uniformly without
+    replacement, seeded by (seed, round, client), sorted. Client and server compute it alike, so the server
+    knows which modules each reply holds without being told."""
+    total = global_rank(config)
+    if not 1 <= rank <= total:
+        raise ValueError(f"rank {rank}: expected 1 <= rank <= the global adapter's rank {total}")
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round_ * 7_919 + client * 104_729 + 17)
+    return sorted(torch.randperm(total, generator=generator)[:rank].tolist())
+
+
+def initial_adapter(model: torch.nn.Module, config: RunConfig) -> dict[str, Factors]:
+    """The global adapter before round 1 for a module-selecting method: rank ``global_rank`` with ``A`` as a fresh
+    LoRA of the shared initialisation seed starts (so with equal ranks round 1 is FedIT's) and ``B = 0``.
+    The model is unchanged."""
+    peft_model = attach_adapter(model, lora_spec(config, global_rank(config)), init_seed=init_seed(config, 1, 0))
+    try:
+        return extract_factors(peft_model)
+    finally:
+        detach_adapter(peft_model)
 
 
 class FederationClient:
@@ -63,17 +93,31 @@ class FederationClient:
         steps = config.local_steps * (config.num_clients if spec.pooled else 1)  # same token budget as the federation
         train_spec = TrainSpec(steps=steps, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
                                lr=config.lr, seed=train_seed(config, round_, client))
-        result = train_client(self.state.model, self.assets.tokenizer, examples, lora_spec(config, rank, client),
-                              train_spec, init_seed=init_seed(config, round_, client),
-                              init_factors=self.start_factors(client, rank))
+        try:
+            init, fold = self.start(client, rank, round_)
+        except ValueError as exc:
+            return ClientReply(client=client, node=node, factors=None, error=str(exc), applied=self.state.applied)
+        with merged(self.state.model, fold):  # Fed-PLoRA: the global modules this client does not train
+            result = train_client(self.state.model, self.assets.tokenizer, examples, lora_spec(config, rank, client),
+                                  train_spec, init_seed=init_seed(config, round_, client), init_factors=init)
         if spec.per_client_models:
             self.state.client_adapters[client] = result.factors  # never leaves this client in a deployment
         return ClientReply(client=client, node=node, factors=result.factors, num_examples=result.num_examples,
                            train_loss=result.train_loss, tokens=result.tokens, seconds=result.seconds,
                            applied=self.state.applied, rank=rank)
 
-    def start_factors(self, client: int, rank: int) -> dict[str, Factors] | None:
-        """The factors this round's adapter starts from (None: a fresh adapter)."""
-        if self.config.spec.fresh_adapters:
-            return None
-        return self.state.init_factors(client, rank, truncate=self.config.spec.truncates)
+    def start(self, client: int, rank: int, round_: int
+              ) -> tuple[dict[str, Factors] | None, dict[str, torch.Tensor]]:
+        """The factors this round's adapter starts from (None: a fresh adapter), and the dense updates folded
+        into the frozen base while it trains (Fed-PLoRA's Select-N-Fold; empty otherwise)."""
+        spec = self.config.spec
+        if spec.fresh_adapters:
+            return None, {}
+        if not spec.selects_modules:
+            return self.state.init_factors(client, rank, truncate=spec.truncates), {}
+        adapter = self.state.adapter or initial_adapter(self.state.model, self.config)
+        drawn = module_draw(self.config, round_, client, rank)
+        rest = sorted(set(range(global_rank(self.config))) - set(drawn))
+        init = {name: (A[drawn], B[:, drawn]) for name, (A, B) in adapter.items()}
+        fold = {name: B[:, rest] @ A[rest] for name, (A, B) in adapter.items()} if rest else {}
+        return init, fold

@@ -53,6 +53,20 @@ def merge_update(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> 
             weight.add_(delta.to(weight.dtype))
 
 
+@contextmanager
+def merged(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+    """``W ← W + Δ`` for every ``{layer: Δ}`` inside the block; the weights are restored bit for bit however
+    it exits (also when merging fails half-way)."""
+    saved = {name: model.get_submodule(name).weight.detach().clone() for name in deltas}
+    try:
+        merge_update(model, deltas)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                model.get_submodule(name).weight.copy_(weight)
+
+
 def causal_lm_parts(model: torch.nn.Module):
     """(decoder returning hidden states, output head) of a causal LM, peft-wrapped or not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

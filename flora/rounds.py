@@ -22,7 +22,7 @@ import torch
 
 from flora.data.tokenize import Example
 from flora.lora.factors import Factors, truncate_factors
-from flora.modeling import evaluate_loss, merge_update
+from flora.modeling import evaluate_loss, merge_update, merged
 
 Merge = Factors | torch.Tensor  # (A, B) whose product is added, or a dense (out, in) tensor
 
@@ -117,15 +117,8 @@ class GlobalState:
                  batch_size: int = 8) -> float:
         """Loss of base + ``adapter`` (merged temporarily; the base weights are restored bit for bit, also
         when merging or evaluating fails half-way)."""
-        adapter = adapter or {}
-        saved = {name: self.model.get_submodule(name).weight.detach().clone() for name in adapter}
-        try:
-            merge_update(self.model, {name: B @ A for name, (A, B) in adapter.items()})
+        with merged(self.model, {name: B @ A for name, (A, B) in (adapter or {}).items()}):
             return evaluate_loss(self.model, tokenizer, examples, batch_size)
-        finally:
-            with torch.no_grad():
-                for name, weight in saved.items():
-                    self.model.get_submodule(name).weight.copy_(weight)
 
     def adapter_of(self, client: int, per_client: bool) -> dict[str, Factors] | None:
         """The adapter on top of the merged weights that makes client ``client``'s model: its own
