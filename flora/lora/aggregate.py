@@ -60,10 +60,10 @@ class AggregationResult:
     client_factors: list[dict[str, Factors]] | None = None
     residual: dict[str, torch.Tensor] | None = None
     truncation_error: list[dict[str, float]] | None = None  # flexlora, raflora: per client, per layer
-    # The adapter each client's model held after training, where that is more than what it uploaded
-    # (fedplora: the global modules it folded into its base plus the ones it trained). The reference of
-    # ``aggregation_error``: the ideal global update is Σ p_k of these.
-    client_models: list[dict[str, Factors]] | None = None
+    # fedplora: the global adapter the clients started from and the modules each trained (the others were
+    # folded into its base, so its whole model is previous with its trained modules substituted)
+    previous: dict[str, Factors] | None = None
+    modules: list[list[int]] | None = None
 
     @property
     def layer_names(self) -> list[str]:
@@ -76,6 +76,18 @@ class AggregationResult:
         if self.residual is not None:
             update = update + self.residual[layer]
         return update
+
+    def folded_delta(self, layer: str) -> torch.Tensor | None:
+        """``Σ_k p_k`` (the global modules client ``k`` folded into its base): what its whole model holds beyond
+        its upload, ``(B_prev · m) A_prev`` with ``m_j = Σ_{k: j ∉ S_k} p_k``; None where clients fold nothing."""
+        if self.previous is None:
+            return None
+        A, B = self.previous[layer]
+        folded = torch.zeros(A.shape[0], dtype=torch.float64)
+        for p_k, selected in zip(self.weights, self.modules):
+            folded += p_k
+            folded[selected] -= p_k
+        return (B.double() * folded) @ A.double()
 
 
 # --- methods -----------------------------------------------------------------------------------
@@ -357,13 +369,12 @@ def aggregate_fedplora(updates: Sequence[ClientUpdate], weights: Sequence[float]
 
     ``modules`` defaults to ``S_k = {0, …, r_k − 1}``; ``previous`` (the global adapter before the round,
     ``R`` modules) defaults to zeros with ``R = 1 + the largest index``. With every client training all
-    ``R`` modules (equal ranks) this is FedIT's average. ``client_models`` holds each client's whole
-    adapter (``previous`` with its trained modules substituted): the reference of ``aggregation_error``,
-    which therefore measures the distance from averaging the clients' models.
+    ``R`` modules (equal ranks) this is FedIT's average. ``aggregation_error`` compares with the average of
+    the clients' whole models (``previous`` with each client's trained modules substituted; see
+    :meth:`AggregationResult.folded_delta`).
     """
     layers = _by_layer(updates)
-    first = next(iter(layers.values()))
-    ranks = _ranks(first)
+    ranks = _ranks(next(iter(layers.values())))
     modules = [list(range(r)) for r in ranks] if modules is None else [list(map(int, s)) for s in modules]
     if len(modules) != len(updates):
         raise ValueError(f"fedplora: {len(modules)} module lists for {len(updates)} clients")
@@ -374,35 +385,31 @@ def aggregate_fedplora(updates: Sequence[ClientUpdate], weights: Sequence[float]
     for k, selected in enumerate(modules):
         if len(set(selected)) != len(selected) or any(not 0 <= j < total for j in selected):
             raise ValueError(f"fedplora: client {k}: modules {selected} must be distinct indices in [0, {total})")
+    index = [torch.tensor(s, dtype=torch.long) for s in modules]
+    coverage = torch.zeros(total, dtype=torch.float64)
+    for p_k, idx in zip(weights, index):
+        coverage[idx] += p_k
+    trained = coverage > 0
     global_factors: dict[str, Factors] = {}
-    client_models: list[dict[str, Factors]] = [{} for _ in updates]
     for name, fs in layers.items():
         A_0, B_0 = fs[0]
         if previous is not None:
             A_prev, B_prev = previous[name]
         else:
             A_prev, B_prev = A_0.new_zeros(total, A_0.shape[1]), B_0.new_zeros(B_0.shape[0], total)
-        coverage = [0.0] * total
-        for k, ((A_k, _), selected) in enumerate(zip(fs, modules)):
-            if A_k.shape[0] != len(selected):
-                raise ValueError(f"fedplora: client {k}, layer {name!r}: rank {A_k.shape[0]} but "
-                                 f"{len(selected)} modules drawn")
-            for j in selected:
-                coverage[j] += weights[k]
         A_sum, B_sum = torch.zeros_like(A_prev), torch.zeros_like(B_prev)
-        for k, ((A_k, B_k), selected) in enumerate(zip(fs, modules)):
-            A_full, B_full = A_prev.clone(), B_prev.clone()
-            A_full[selected], B_full[:, selected] = A_k.to(A_prev.dtype), B_k.to(B_prev.dtype)
-            client_models[k][name] = (A_full, B_full)
-            A_sum[selected] += weights[k] * A_k.to(A_prev.dtype)
-            B_sum[:, selected] += weights[k] * B_k.to(B_prev.dtype)
-        cover = torch.tensor(coverage, dtype=A_prev.dtype)
-        trained = cover > 0
+        for k, ((A_k, B_k), p_k, idx) in enumerate(zip(fs, weights, index)):
+            if A_k.shape[0] != len(idx):
+                raise ValueError(f"fedplora: client {k}, layer {name!r}: rank {A_k.shape[0]} but {len(idx)} modules drawn")
+            A_sum.index_add_(0, idx, A_k.to(A_prev.dtype), alpha=p_k)
+            B_sum.index_add_(1, idx, B_k.to(B_prev.dtype), alpha=p_k)
+        cover = coverage.to(A_prev.dtype)
         A_new, B_new = A_prev.clone(), B_prev.clone()
         A_new[trained] = A_sum[trained] / cover[trained, None]
         B_new[:, trained] = B_sum[:, trained] / cover[trained]
         global_factors[name] = (A_new, B_new)
-    return AggregationResult("fedplora", list(weights), global_factors, client_models=client_models)
+    return AggregationResult("fedplora", list(weights), global_factors, modules=modules,
+                             previous=dict(previous) if previous is not None else None)
 
 
 # --- error ---------------------------------------------------------------------------------------
@@ -422,15 +429,17 @@ def aggregation_error(result: AggregationResult, updates: Sequence[ClientUpdate]
                       weights: Sequence[float]) -> dict[str, float]:
     """Relative Frobenius error ``‖Δ_method − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖``.
 
-    ``B_k A_k`` is client ``k``'s whole adapter: ``result.client_models[k]`` where the method sets it
-    (fedplora), else ``updates[k]``. Returns ``{layer: error, ..., "overall": error}``; overall pools the
-    squared norms of all layers. Computed in float64.
+    ``Σ p_k B_k A_k`` is over each client's whole adapter: its upload, plus (fedplora) the global modules it
+    folded into its base (:meth:`AggregationResult.folded_delta`). Returns ``{layer: error, ...,
+    "overall": error}``; overall pools the squared norms of all layers. Computed in float64.
     """
-    updates = result.client_models or updates
     errors: dict[str, float] = {}
     err_sq_total = ref_sq_total = 0.0
     for name in result.layer_names:
         reference = reference_delta(updates, weights, name)
+        folded = result.folded_delta(name)
+        if folded is not None:
+            reference = reference + folded
         err_sq = float((result.delta(name).double() - reference).pow(2).sum())
         ref_sq = float(reference.pow(2).sum())
         errors[name] = math.sqrt(err_sq / ref_sq) if ref_sq > 0 else math.sqrt(err_sq)
