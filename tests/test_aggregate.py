@@ -111,6 +111,21 @@ def test_zeropad_follows_hetlora_rule_and_is_inexact():
     assert aggregation_error(result, updates, weights)["overall"] > 0.1
 
 
+def assert_each_client_gets_its_best_rank_r(result, ranks, dense, name, dtype):
+    """Client k holds the rank-r_k truncated SVD of ``dense`` (Eckart–Young: the best rank-r_k approximation),
+    and its reported truncation error is the relative tail of the singular values."""
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    scale = max(float(dense.norm()), 1e-12)
+    for k, r in enumerate(ranks):
+        A_k, B_k = result.client_factors[k][name]
+        assert A_k.shape[0] == r and B_k.shape[1] == r
+        best = (U[:, :r] * S[:r]) @ Vh[:r]
+        tolerance = 1e-3 if dtype == torch.float32 else 1e-8
+        assert float((B_k.double() @ A_k.double() - best).norm()) <= tolerance * scale
+        assert result.truncation_error[k][name] == pytest.approx(math.sqrt(float(S[r:].pow(2).sum())) / scale,
+                                                                 abs=1e-3)
+
+
 @settings(max_examples=40, deadline=None)
 @given(federations())
 def test_flexlora_is_exact_globally_and_eckart_young_per_client(fed):
@@ -119,17 +134,7 @@ def test_flexlora_is_exact_globally_and_eckart_young_per_client(fed):
     result = aggregate("flexlora", updates, weights)
     assert aggregation_error(result, updates, weights)["overall"] <= TOL[dtype] * 10
     for name in layers:
-        dense = reference_delta(updates, weights, name)
-        U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
-        for k, r in enumerate(ranks):
-            A_k, B_k = result.client_factors[k][name]
-            assert A_k.shape[0] == r and B_k.shape[1] == r
-            best = (U[:, :r] * S[:r]) @ Vh[:r]  # Eckart–Young: the best rank-r approximation
-            scale = max(float(dense.norm()), 1e-12)
-            assert float((B_k.double() @ A_k.double() - best).norm()) <= 1e-3 * scale if dtype == torch.float32 \
-                else float((B_k @ A_k - best).norm()) <= 1e-8 * scale
-            expected_tail = math.sqrt(float(S[r:].pow(2).sum())) / scale
-            assert result.truncation_error[k][name] == pytest.approx(expected_tail, abs=1e-3)
+        assert_each_client_gets_its_best_rank_r(result, ranks, reference_delta(updates, weights, name), name, dtype)
 
 
 @pytest.mark.parametrize("method", AGGREGATION_METHODS)
@@ -189,12 +194,7 @@ def test_raflora_equals_the_partition_reference_and_gives_each_client_its_best_r
         expected = raflora_reference(updates, weights, name)
         scale = max(float(expected.norm()), 1e-12)
         assert float((result.delta(name).double() - expected).norm()) <= TOL[dtype] * 10 * scale
-        U, S, Vh = torch.linalg.svd(expected, full_matrices=False)
-        for k, r in enumerate(ranks):
-            A_k, B_k = result.client_factors[k][name]
-            assert A_k.shape[0] == r and B_k.shape[1] == r
-            best = (U[:, :r] * S[:r]) @ Vh[:r]  # Eckart–Young on raFLoRA's sum
-            assert float((B_k.double() @ A_k.double() - best).norm()) <= (1e-3 if dtype == torch.float32 else 1e-8) * scale
+        assert_each_client_gets_its_best_rank_r(result, ranks, expected, name, dtype)
 
 
 def test_raflora_with_equal_ranks_is_flexlora_and_weights_each_partition_to_one():
