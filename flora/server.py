@@ -22,6 +22,7 @@ from statistics import median
 
 import torch
 
+from flora.client import global_rank, initial_adapter, module_draw
 from flora.config import RunConfig
 from flora.data.tokenize import Example
 from flora.lora.aggregate import aggregation_error
@@ -129,6 +130,8 @@ class FederationServer:
             try:
                 check_update(reply.factors, client=reply.client, layer_shapes=self.assets.layer_shapes,
                              max_norm=config.max_update_norm or None)
+                if config.spec.selects_modules:
+                    self._check_module_ranks(reply)
             except InvalidUpdateError as exc:
                 screening.rejected.append(reply)
                 log.warning("round %d: rejected update: %s", round_, exc)
@@ -139,6 +142,21 @@ class FederationServer:
         if config.outlier_mad:
             screening.accepted = self._without_outliers(round_, screening.accepted, screening.rejected)
         return screening
+
+    def _check_module_ranks(self, reply: ClientReply) -> None:
+        """A module-selecting method's reply holds the same number of drawn modules, at most ``R``, in every layer."""
+        ranks = sorted({A.shape[0] for A, _ in reply.factors.values()})
+        total = global_rank(self.config)
+        if len(ranks) != 1 or ranks[0] > total:
+            raise InvalidUpdateError(reply.client, None, f"module ranks {ranks}: expected one rank <= the global "
+                                                         f"adapter's {total} in every layer")
+
+    def _module_options(self, round_: int, accepted: Sequence[ClientReply]) -> dict:
+        """Fed-PLoRA: the global adapter before this round and the modules each reply trained (the seeded draw)."""
+        previous = self.state.adapter or initial_adapter(self.state.model, self.config)
+        modules = [module_draw(self.config, round_, r.client, next(iter(r.factors.values()))[0].shape[0])
+                   for r in accepted]
+        return {"previous": previous, "modules": modules}
 
     def _clipped(self, round_: int, reply: ClientReply) -> ClientReply:
         factors, factor = clip_update(reply.factors, self.config.clip_update_norm)
@@ -180,6 +198,8 @@ class FederationServer:
         if spec.warm_start:  # the factors every client started from (a prefix of them, its rank's), as it computed them
             options["start"] = self.state.warm.factors(max(A.shape[0] for u in updates for A, _ in u.values()),
                                                        config.warm_split)
+        elif spec.selects_modules:
+            options = self._module_options(round_, accepted)
         result = aggregate(config.method, updates, weights, layer_shapes=self.assets.layer_shapes, **options)
         error = aggregation_error(result, updates, weights)["overall"]
         update = RoundUpdate(round=round_)
