@@ -292,6 +292,8 @@ class FederationServer:
         updates = [r.factors for r in accepted]
         weights = self.weights(accepted)
         result = aggregate(config.method, updates, weights, layer_shapes=self.assets.layer_shapes)
+        if (bad := _nonfinite(result.global_factors) or _nonfinite(result.residual or {})) is not None:
+            return self._unchanged(round_, bad)
         error = aggregation_error(result, updates, weights)["overall"]
         update = RoundUpdate(round=round_)
         if spec.merges:
@@ -304,7 +306,7 @@ class FederationServer:
             update.truncate = spec.truncates
             if result.residual is not None:
                 update.merge = dict(result.residual)
-        return self._finite(round_, Aggregated(update, error, weights=weights))
+        return Aggregated(update, error, weights=weights)
 
     def weights(self, accepted: Sequence[ClientReply]) -> list[float]:
         """Client weights ``p_k``: ``uniform``; or by data size, from the partitions' known sizes where the
@@ -321,17 +323,10 @@ class FederationServer:
         weights = normalize_weights(sizes)
         return cap_weights(weights, config.max_client_weight) if config.max_client_weight else weights
 
-    def _finite(self, round_: int, aggregated: Aggregated) -> Aggregated:
-        """``aggregated``, or an empty update (global model unchanged) if any tensor of it is not finite."""
-        update = aggregated.update
-        parts = [("merge", name, m) for name, m in update.merge.items()]
-        parts += [("adapter", name, f) for name, f in (update.adapter or {}).items()]
-        for part, name, tensors in parts:
-            if not all(bool(torch.isfinite(t).all()) for t in (tensors if isinstance(tensors, tuple) else (tensors,))):
-                log.error("round %d: the aggregate's %s of layer %r is not finite; global model unchanged",
-                          round_, part, name)
-                return Aggregated(RoundUpdate(round=round_), math.nan, aggregated.record)
-        return aggregated
+    def _unchanged(self, round_: int, layer: str, record: dict | None = None) -> Aggregated:
+        """An empty update: the aggregate of ``layer`` is not finite and never touches the global model."""
+        log.error("round %d: the aggregate of layer %r is not finite; global model unchanged", round_, layer)
+        return Aggregated(RoundUpdate(round=round_), math.nan, record or {})
 
     def apply(self, update: RoundUpdate) -> None:
         """Append ``update`` to the history and to the server's global state."""
@@ -371,8 +366,9 @@ class FederationServer:
         # participants, clipped counts and norms are not privatised: they stay in metrics.jsonl, not in logs
         log.info("round %d: DP aggregate, noise std %.3g, epsilon %.3g at delta %g", round_, spec.noise_std,
                  record["dp_epsilon"], config.dp_delta)
-        aggregated = Aggregated(update, math.sqrt(error_sq / clean_sq) if clean_sq > 0 else math.nan, record)
-        return self._finite(round_, aggregated)
+        if (bad := _nonfinite(update.merge)) is not None:
+            return self._unchanged(round_, bad, record)
+        return Aggregated(update, math.sqrt(error_sq / clean_sq) if clean_sq > 0 else math.nan, record)
 
     def _broadcast_form(self, A: torch.Tensor, B: torch.Tensor) -> tuple[str, Merge]:
         form = self.config.broadcast
@@ -430,6 +426,14 @@ def public_record(config: RunConfig, record: dict) -> dict:
     """What of a round's metrics may leave the operator's files (Flower's metric records, logs): all of it,
     or with differential privacy only :data:`DP_PUBLIC` (the rest is not privatised)."""
     return {k: record[k] for k in DP_PUBLIC if k in record} if config.dp_enabled else dict(record)
+
+
+def _nonfinite(parts: Mapping[str, Merge]) -> str | None:
+    """The first layer whose tensor(s) hold NaN or Inf (None: all finite)."""
+    for name, part in parts.items():
+        if not all(bool(torch.isfinite(t).all()) for t in (part if isinstance(part, tuple) else (part,))):
+            return name
+    return None
 
 
 def _client(reply: ClientReply) -> str:

@@ -48,11 +48,11 @@ NPY_HEADER_MAX = 4096  # bytes of a .npy preamble (magic, version, header); np.s
 class RejectedReply(ValueError):
     """A reply the server does not use; ``str()`` names the field, the value and what was expected."""
 
-    def __init__(self, field: str, value, expected: str):
+    def __init__(self, field: str, value, expected: str, literal: bool = False):
         self.field = field
         self.value = value
         self.expected = expected
-        super().__init__(f"{field} = {_short(value)}: expected {expected}")
+        super().__init__(f"{field} = {value if literal else _short(value)}: expected {expected}")
 
 
 def _short(value) -> str:
@@ -185,9 +185,9 @@ def _float(value):
 def _expect_keys(what: str, mapping: Mapping, expected: tuple[str, ...]) -> None:
     keys = set(mapping)
     if keys != set(expected):
-        missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected), key=str)
-        raise RejectedReply(what, f"missing {missing}, unexpected {[_short(k) for k in extra[:5]]}",
-                            f"exactly the keys {list(expected)}")
+        missing, extra = sorted(set(expected) - keys)[:5], sorted(str(k)[:60] for k in keys - set(expected))[:5]
+        shown = list(expected) if len(expected) <= 5 else f"{{layer}}.A and {{layer}}.B of {len(expected) // 2} layers"
+        raise RejectedReply(what, f"missing {missing}, unexpected {extra}", f"exactly the keys {shown}", literal=True)
 
 
 def check_array_metas(arrays: Mapping[str, ArrayMeta], layer_shapes: Mapping[str, tuple[int, int]],
