@@ -148,11 +148,12 @@ flower-superlink "${LINK_SECURITY[@]}" --disable-runtime-dependency-installation
   --port "$LINK_PORT" --database "$WORK/state.db" > "$WORK/logs/superlink.log" 2>&1 &
 started superlink
 
+for _ in $(seq 1 90); do  # until the SuperLink answers (it takes a while on a busy machine)
+  flwr supernode list flora-deploy > /dev/null 2>&1 && break
+  sleep 1
+done
+
 if [[ $AUTH == 1 ]]; then  # register every SuperNode's public key before the node starts
-  for _ in $(seq 1 60); do  # until the SuperLink answers
-    flwr supernode list flora-deploy > /dev/null 2>&1 && break
-    sleep 1
-  done
   for k in $(seq 0 $((NODES - 1))); do
     "$PY" -m flora.deploy_keys node "$WORK/keys" "supernode-$k" > /dev/null
     flwr supernode register "$WORK/keys/supernode-$k.pub" flora-deploy > "$WORK/logs/register-$k.log" 2>&1 \
