@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's flora, whatever is installed
 
 CASES = {
     "honest round (4 replies)": None,
@@ -120,7 +121,7 @@ def main() -> None:
     rows = []
     for case in CASES:
         done = subprocess.run([sys.executable, __file__, "--case", case, "--giant-mib", str(args.giant_mib)],
-                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+                              capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"case {case!r} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
