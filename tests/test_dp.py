@@ -194,6 +194,25 @@ def test_private_run_hands_only_privatised_numbers_to_flower_and_logs(assets_dir
     assert "OS CSPRNG" in metrics[0]["dp_random_source"]
 
 
+def test_private_round_gives_flower_only_privatised_metrics(assets_dir, tmp_path, runtime):
+    """The Flower strategy's metric record (Flower logs it and keeps it in its history) with DP on."""
+    from flora.runner import server_for
+    from flora.server import DP_PUBLIC
+    from flora.strategy import FloraStrategy
+    from test_adversarial import answer, strategy_messages
+
+    config = tiny_config(assets_dir, tmp_path, num_clients=4, ranks=[2], weighting="uniform", dp_noise_multiplier=1.0,
+                         dp_clip_norm=0.1, eval_examples=4, client_eval_examples=4)
+    server = server_for(config, runtime)
+    lines = []
+    flower = FloraStrategy(config, server, progress=lines.append)
+    sent = strategy_messages(flower, 1)
+    _, metrics = flower.aggregate_train(1, [answer(server, m, k) for k, m in enumerate(sent)])
+    assert set(metrics) <= set(DP_PUBLIC) and {"dp_epsilon", "test_loss"} <= set(metrics)
+    assert server.metrics[-1]["dp_participants"] == len(sent)  # the operator's record still has it
+    assert len(lines) == 1 and "epsilon" in lines[0] and "train loss" not in lines[0]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(dp_noise_multiplier=1.0), "dp_clip_norm = 0.0"),
     (dict(dp_noise_multiplier=1.0, dp_clip_norm=1.0, weighting="num_examples"), "weighting = 'num_examples'"),
