@@ -10,9 +10,10 @@ around that call only (the replies are already in memory, as Flower hands them t
   reset before the call through ``/proc/self/clear_refs``);
 * tracemalloc peak: Python and numpy allocations during the call (FLoRA's decoding copies are numpy).
 
-The ``pre-fix`` case measures what the old decoding did first with the giant reply (Flower's
-``ArrayRecord.to_torch_state_dict()``, every array materialised before any check); the rank-10^7 row's
-pre-fix cost (zero-padding the next round's adapter for zeropad/flexlora) is computed, not run.
+The ``pre-fix`` case measures what the old decoding did first with the giant extra array (Flower's
+``ArrayRecord.to_torch_state_dict()``: every array, extra keys included, materialised before any check);
+the rank-10^7 row's pre-fix cost (zero-padding the next round's adapter for zeropad/flexlora) is computed,
+not run.
 
     .venv/bin/python benchmarks/bench_hostile_memory.py [--giant-mib 512] [--out benchmarks/results]
 """
@@ -31,12 +32,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's flora, whatever is installed
 
+# case -> the kind of flora/adversary.py that replaces the 4th reply (None: honest); "giant extra array" is
+# this benchmark's own: a valid .npy of --giant-mib MiB under an extra key
 CASES = {
     "honest round (4 replies)": None,
     "rank claim 10^7 (1 of 4)": "rank 10^7",
     "declared shape 10^7 x 32 (1 of 4)": "declared shape 10^7 rows (metadata)",
-    "giant array (1 of 4)": "giant array (8 MiB)",
-    "pre-fix: materialise the giant reply": "giant array (8 MiB)",
+    "giant bytes after a valid array (1 of 4)": "giant array (8 MiB)",
+    "giant extra array, valid .npy (1 of 4)": "giant extra array",
+    "pre-fix decoding of the giant extra array": "giant extra array",
 }
 
 
@@ -48,7 +52,8 @@ def _status(field: str) -> int:
 
 
 def run_case(case: str, giant_mib: int) -> dict:
-    from flwr.app import ArrayRecord, ConfigRecord, Message
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message
     from flwr.supercore.task_identity import TaskIdentity
 
     from flora import adversary
@@ -78,7 +83,12 @@ def run_case(case: str, giant_mib: int) -> dict:
         situation = Situation(config=config, partition=k, round=1, applied_end=0,
                               layer_shapes=server.assets.layer_shapes, sizes=sizes)
         kind = CASES[case] if k == 3 else None
-        content = forge(kind, situation) if kind else valid_reply(situation).content()
+        if kind == "giant extra array":
+            forged = valid_reply(situation)
+            forged.arrays["evil.payload"] = Array(np.zeros(giant_mib * 2 ** 18, dtype=np.float32))
+            content = forged.content()
+        else:
+            content = forge(kind, situation) if kind else valid_reply(situation).content()
         replies.append(Message(content=content, reply_to=message))
     held = sum(len(a.data) for m in replies for a in m.content["arrays"].values())
     gc.collect()

@@ -230,6 +230,8 @@ KINDS: dict[str, tuple[Mutation, str]] = {
     "train-loss inf": (_field("metrics", "train-loss", math.inf), "metrics 'train-loss' = inf"),
     "applied 0 (full-history resend)": (_field("metrics", "applied", 0), "metrics 'applied' = 0"),
     "applied beyond the history": (_field("metrics", "applied", 10 ** 6), "metrics 'applied' = 1000000"),
+    "applied as a float (the right value)": (lambda f, s: f.metrics.update(applied=float(s.applied_end)),
+                                             "metrics 'applied' = "),
     "error reply with an impossible applied": (_impossible_error, "metrics 'applied' = 100000"),
     "error as a number": (_field("config", "error", 1), "config 'error' = 1"),
     "x.A without x.B": (_missing_b, ".B'], unexpected []"),

@@ -203,7 +203,7 @@ class FederationServer:
                 if self.node_partition.get(reply.node) == reply.client:  # its partition is free to rebind
                     del self.node_partition[reply.node]
                 log.warning("round %d: client %s (node %s) failed: %s", round_, _client(reply), reply.node,
-                            reply.error[:300])
+                            printable(reply.error[:300]))
             else:
                 claims.setdefault(reply.client, []).append(reply)
         for partition, claimants in claims.items():
@@ -228,8 +228,6 @@ class FederationServer:
         """Why ``reply`` cannot be used (None: it can; an error reply is then a failure)."""
         if reply.rejection is not None:
             return reply.rejection
-        if reply.error is not None and reply.client == -1:  # Flower's own error (node unavailable): no fields
-            return None
         try:
             check_reply_fields(reply, self.rules_for(reply.node))
         except RejectedReply as exc:
@@ -434,6 +432,11 @@ def _nonfinite(parts: Mapping[str, Merge]) -> str | None:
         if not all(bool(torch.isfinite(t).all()) for t in (part if isinstance(part, tuple) else (part,))):
             return name
     return None
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: a client's message cannot forge log lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _client(reply: ClientReply) -> str:

@@ -277,3 +277,10 @@ def test_strategy_rejects_duplicate_and_unsolicited_replies_and_survives_its_own
     _, metrics = flower.aggregate_train(2, [answer(server, m, k) for k, m in enumerate(sent)])
     assert (metrics["clients_ok"], metrics["clients_rejected"]) == (3, 1)
     assert "(node 12): undecodable reply (KeyError: 'a decoder bug')" in caplog.text
+
+
+def test_a_clients_error_text_cannot_forge_log_lines():
+    from flora.server import printable
+
+    assert printable("boom\nround 3: rejected update: client 0") == "boom\\nround 3: rejected update: client 0"
+    assert printable("\x1b[2Jcleared") == "\\x1b[2Jcleared"
