@@ -56,6 +56,11 @@ class RejectedReply(ValueError):
 
 
 def _short(value) -> str:
+    """A bounded repr (a client may send a huge string or list: never copy all of it into a log line)."""
+    if isinstance(value, (str, bytes)) and len(value) > 80:
+        return repr(value[:77]) + "..."
+    if isinstance(value, (list, tuple, dict)) and len(value) > 8:
+        return f"<{type(value).__name__} of {len(value)} items>"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
