@@ -41,6 +41,7 @@ class RunConfig:
     sample_fraction: float = 1.0
     min_clients: int = 1
     weighting: str = "num_examples"  # or 'uniform'
+    max_client_weight: float = 0.0  # no client's weight above this; deployment: > 0 lets claimed sizes count (0 = uniform)
     partition: str = "dirichlet"  # iid | dirichlet | quantity
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.05
@@ -130,6 +131,9 @@ class RunConfig:
             raise ConfigError(f"min_clients = {self.min_clients} exceeds num_clients = {self.num_clients}")
         if self.weighting not in ("num_examples", "uniform"):
             raise ConfigError(f"weighting = {self.weighting!r}: expected 'num_examples' or 'uniform'")
+        if not 0 <= self.max_client_weight <= 1:
+            raise ConfigError(f"max_client_weight = {self.max_client_weight}: expected a weight in [0, 1] (0 = no cap; "
+                              f"a deployment then weights clients uniformly)")
         if self.partition not in ("iid", "dirichlet", "quantity"):
             raise ConfigError(f"partition = {self.partition!r}: expected 'iid', 'dirichlet' or 'quantity'")
         if self.broadcast not in ("private", "smallest", "stacked", "refactorized", "dense"):

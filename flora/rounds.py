@@ -77,6 +77,7 @@ class ClientReply:
     error: str | None = None
     applied: int = 0  # round updates the client's model holds after this round's catch-up
     rank: int = 0  # the adapter's (initial) rank; AdaLoRA may send fewer
+    rejection: str | None = None  # why the server's decoding rejected the reply (``flora/wire_checks.py``)
 
 
 class GlobalState:

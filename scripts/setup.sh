@@ -24,7 +24,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # quantize = 4bit/8bit (the [quantize] extra): --no-deps, so its torch requirement never touches the pin;
     # one wheel for every Python, with CPU and CUDA kernels.
     .venv/bin/python -m pip install -q --no-deps "bitsandbytes==0.50.2" 2>&1 | grep -v "is ignored" || true
-    .venv/bin/python -c "import torch, transformers, peft, flwr, flora, dp_accounting, fastapi, uvicorn, httpx, bitsandbytes" \
+    .venv/bin/python -c "import torch, transformers, peft, flwr, flora, dp_accounting, fastapi, uvicorn, httpx, bitsandbytes, cryptography" \
         || { echo "[setup] install failed: see the pip output above" >&2; exit 1; }
     echo "$want" > "$stamp"
 fi

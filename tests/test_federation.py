@@ -149,7 +149,7 @@ def test_rejected_update_is_logged_and_round_goes_on(assets_dir, tmp_path, caplo
     replies[1].factors[name][1][0, 0] = float("nan")
     record = server.aggregate_round(1, replies, 0, 0.0)
     assert record["clients_ok"] == 2 and record["clients_rejected"] == 1
-    assert f"client 1, layer '{name}': non-finite" in caplog.text
+    assert f"rejected update: client 1 (node node-1): layer '{name}': non-finite" in caplog.text
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -344,7 +344,7 @@ def test_outlier_update_is_rejected_and_model_stays_near_honest_run(assets_dir, 
     honest = final_delta(3.5, malicious=False)
     defended = final_delta(3.5, malicious=True)
     undefended = final_delta(0.0, malicious=True)
-    assert "client 1: norm" in caplog.text and "is an outlier" in caplog.text
+    assert "client 1 (node node-1): norm" in caplog.text and "is an outlier" in caplog.text
 
     def distance(a, b):
         return sum(float((a[k] - b[k]).norm()) ** 2 for k in a) ** 0.5

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "flora"
 # The Flower skin: the only modules that may import flwr.
-SKIN = {"flora.strategy", "flora.server_app", "flora.client_app", "flora.simulation"}
+SKIN = {"flora.strategy", "flora.server_app", "flora.client_app", "flora.simulation", "flora.adversary"}
 
 
 def _module_name(path: Path) -> str:
