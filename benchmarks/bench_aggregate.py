@@ -2,8 +2,11 @@
 
 30 decoder layers x 7 projections (hidden 576, intermediate 1536, 9 query / 3 key-value heads
 of 64), 10 clients. Heterogeneous ranks 64,32,16,16,8,8,4,4,4,4 for the methods that accept
-them; homogeneous rank 16 for the equal-rank methods (FedIT, FFA, FedEx). All methods are
-timed in the same run, so ratios are comparable even on a noisy machine.
+them; homogeneous rank 16 for the equal-rank methods (FedIT, FFA, FedEx, FLoRA-NA). All methods are
+timed in the same run, so ratios are comparable even on a noisy machine. Fed-PLoRA's clients hold
+their seeded draw of modules of a random rank-64 global adapter (heterogeneous) or all 16 modules
+(homogeneous, where it is FedIT); its error is measured against the average of the clients' whole
+models (``AggregationResult.folded_delta``).
 
     .venv/bin/python benchmarks/bench_aggregate.py [--repeats 3] [--out benchmarks/results]
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from flora.lora.aggregate import aggregation_error
+from flora.lora.aggregate import aggregation_error, florana_mixing
 from flora.lora.methods import aggregate
 from flora.lora.factors import client_weights
 from flora.lora.refactor import refactorize, smallest_exact_form
@@ -53,6 +56,16 @@ def random_updates(ranks, shapes, seed=0, shared_a=False):
     ]
 
 
+def module_options(ranks, shapes, seed=0):
+    """Fed-PLoRA's aggregation options: a random rank-``max(ranks)`` global adapter and each client's seeded draw."""
+    gen = torch.Generator().manual_seed(seed)
+    total = max(ranks)
+    previous = {n: (torch.randn(total, i, generator=gen) * 0.02, torch.randn(o, total, generator=gen) * 0.02)
+                for n, (o, i) in shapes.items()}
+    modules = [sorted(torch.randperm(total, generator=gen)[:r].tolist()) for r in ranks]
+    return {"previous": previous, "modules": modules}
+
+
 def timed(fn, repeats):
     fn()  # warm-up: first calls pay for allocator growth and lazy init
     times = []
@@ -67,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--methods", default="", help="comma list (default: all; flora always runs: the baseline)")
     args = parser.parse_args()
     torch.manual_seed(0)
     shapes = smollm2_layer_shapes()
@@ -76,14 +90,21 @@ def main() -> None:
     num_examples = [120, 80, 100, 60, 90, 110, 70, 50, 130, 40]
     p = client_weights(num_examples)
 
+    plora_hetero = module_options(HETERO_RANKS, shapes, seed=4)
+    plora_homo = {"modules": [list(range(16))] * len(HOMO_RANKS)}
     cases = [
-        ("flora", "hetero", hetero), ("zeropad", "hetero", hetero), ("flexlora", "hetero", hetero),
-        ("flora", "homo", homo), ("fedit", "homo", homo), ("fedex", "homo", homo), ("ffa", "homo", homo_shared_a),
-        ("flexlora", "homo", homo),
+        ("flora", "hetero", hetero, {}), ("zeropad", "hetero", hetero, {}), ("flexlora", "hetero", hetero, {}),
+        ("raflora", "hetero", hetero, {}), ("fedplora", "hetero", hetero, plora_hetero),
+        ("flora", "homo", homo, {}), ("fedit", "homo", homo, {}), ("fedex", "homo", homo, {}),
+        ("ffa", "homo", homo_shared_a, {}), ("flexlora", "homo", homo, {}), ("florana", "homo", homo, {}),
+        ("fedplora", "homo", homo, plora_homo),
     ]
+    only = {m.strip() for m in args.methods.split(",") if m.strip()}
     rows = []
-    for method, setting, updates in cases:
-        result, seconds = timed(lambda: aggregate(method, updates, p, layer_shapes=shapes), args.repeats)
+    for method, setting, updates, options in cases:
+        if only and method not in only and method != "flora":
+            continue
+        result, seconds = timed(lambda: aggregate(method, updates, p, layer_shapes=shapes, **options), args.repeats)
         error = aggregation_error(result, updates, p)
         rows.append({"case": f"{method} ({setting})", "method": method, "setting": setting,
                      "seconds": seconds, "aggregation_error": error["overall"],
@@ -98,6 +119,12 @@ def main() -> None:
                  "seconds": seconds, "aggregation_error": rel, "max_layer_error": rel})
     print(f"refactorize hetero {seconds * 1e3:9.1f} ms  max rel. error vs stacked {rel:.2e}", flush=True)
 
+    if not only or "florana" in only:  # FLoRA-NA's solver per layer: iterations and residual against FedIT's
+        mixings = [florana_mixing([u[n] for u in homo], p) for n in shapes]
+        rows[[r["case"] for r in rows].index("florana (homo)")].update(
+            als_iterations_mean=statistics.mean(m.iterations for m in mixings),
+            als_iterations_max=max(m.iterations for m in mixings),
+            residual_ratio_to_fedit_median=statistics.median(m.residual / m.fedit_residual for m in mixings))
     base = next(r["seconds"] for r in rows if r["case"] == "flora (hetero)")
     for r in rows:
         r["ratio_to_flora_hetero"] = r["seconds"] / base
@@ -130,6 +157,9 @@ def main() -> None:
     ]
     lines += [f"| {r['case']} | {r['seconds'] * 1e3:.1f} | {r['ratio_to_flora_hetero']:.2f} | {r['aggregation_error']:.2e} |"
               for r in rows]
+    lines += [f"\nFLoRA-NA's alternating least squares per layer: {r['als_iterations_mean']:.1f} iterations on average "
+              f"(max {r['als_iterations_max']}), residual / FedIT's residual: median {r['residual_ratio_to_fedit_median']:.3f}."
+              for r in rows if "als_iterations_mean" in r]
     lines += ["", f"Stacked broadcast (R={R}): {bytes_stacked / 2**20:.1f} MiB; dense: {bytes_dense / 2**20:.1f} MiB; "
               f"smallest exact form per layer: {forms}."]
     (args.out / "aggregate.md").write_text("\n".join(lines) + "\n")

@@ -37,11 +37,13 @@ def round_bytes(method: str, ranks: list[int], shapes: dict[str, tuple[int, int]
                 per_client = smallest_exact_form(total_rank, min(total_rank, o, i), o, i,
                                                  private=method == "flora-private").nbytes
             down += n * per_client
-        elif method in ("fedit", "ffa"):
+        elif method in ("fedit", "ffa", "florana"):  # FLoRA-NA: mixed factors, FedIT's shapes
             down += n * factors_bytes(ranks[0], o, i)
+        elif method == "fedplora":  # every client downloads the whole rank-R global adapter, R = max rank
+            down += n * factors_bytes(max(ranks), o, i)
         elif method == "fedex":  # averaged adapter + dense residual into the base
             down += n * (factors_bytes(ranks[0], o, i) + o * i * BYTES)
-        elif method in ("zeropad", "flexlora"):  # each client receives its own r_k
+        elif method in ("zeropad", "flexlora", "raflora"):  # each client receives its own r_k
             down += sum(factors_bytes(r, o, i) for r in ranks)
     if method == "ffa":
         up = sum(r * o * BYTES for r in ranks for o, _ in shapes.values())  # only B travels
@@ -56,9 +58,9 @@ def main() -> None:
     shapes = smollm2_layer_shapes()
     rows = []
     settings = {"homogeneous r=16": (HOMO_RANKS, ["fedit", "ffa", "fedex", "flora-stacked", "flora-smallest",
-                                                  "flora-private", "flexlora"]),
+                                                  "flora-private", "flexlora", "florana", "fedplora", "raflora"]),
                 "heterogeneous 64..4": (HETERO_RANKS, ["zeropad", "flexlora", "flora-stacked", "flora-smallest",
-                                                       "flora-private"])}
+                                                       "flora-private", "raflora", "fedplora"])}
     for setting, (ranks, methods) in settings.items():
         full = 2 * len(ranks) * FULL_PARAMS * BYTES
         for method in methods:

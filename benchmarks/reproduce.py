@@ -1,7 +1,9 @@
 """The paper's comparisons at SmolLM2-135M scale (issue 7), with this system's own run code.
 
-    python benchmarks/reproduce.py --profile quick          # ~22 min on 2 cores: 12 runs, 1 seed, no MMLU
-    python benchmarks/reproduce.py --profile full           # ~3.1 h: + 3 seeds of the key pairs, ablation,
+    python benchmarks/reproduce.py --profile quick          # ~22 min on 2 cores for the first 12 runs (15 now),
+                                                            #   1 seed, no MMLU
+    python benchmarks/reproduce.py --profile full           # ~3.1 h measured for the first 23 runs (32 now):
+                                                            #   + 3 seeds of the key pairs, ablation,
                                                             #   IID control, MMLU cloze (1,000 questions)
     python benchmarks/reproduce.py --profile full --report  # tables + plot from what has finished
 
@@ -9,12 +11,16 @@ Embedded SmolLM2-135M-Instruct and ShareGPT, 10 clients, Dirichlet(0.5) partitio
 the same token budget (rounds × clients × local steps × batch; ``centralized`` trains one model for
 clients × local steps per round). Runs:
 
-* homogeneous, every client rank 16: flora, fedit, ffa, fedex, flexlora, centralized, standalone;
-* heterogeneous, ranks 64,32,16,16,8,8,4,4,4,4: flora, zeropad, flexlora, centralized (rank 64),
-  standalone (each client at its rank; loss = mean over the clients' own models);
-* ``full`` only: seeds 1 and 2 of the key pairs (flora vs fedit homogeneous, flora vs zeropad
-  heterogeneous), p_k uniform instead of by data size (flora heterogeneous), and an IID partition of
-  the key pairs' FLoRA runs against their Dirichlet ones.
+* homogeneous, every client rank 16: flora, fedit, ffa, fedex, flexlora, florana (FLoRA-NA), centralized,
+  standalone (raflora and fedplora are left out here: with equal ranks they are flexlora and fedit);
+* heterogeneous, ranks 64,32,16,16,8,8,4,4,4,4: flora, zeropad, flexlora, raflora, fedplora (Fed-PLoRA),
+  centralized (rank 64), standalone (each client at its rank; loss = mean over the clients' own models);
+* ``full`` only: seeds 1 and 2 of the key runs (flora, fedit, florana homogeneous; flora, zeropad,
+  raflora, fedplora heterogeneous), p_k uniform instead of by data size (flora heterogeneous), and an IID
+  partition of the FLoRA key runs against their Dirichlet ones.
+
+The report pairs the key runs by seed: FLoRA minus each other, and each minus the best of the newest
+peers (``NEW_METHODS``: lowest mean final test loss over the seeds both finished).
 
 Each finished run's summary (per-round metrics, wall time, MMLU) is written to
 ``benchmarks/results/reproduce-PROFILE/NAME.json``: a run with a summary is not run again, so a profile
@@ -39,9 +45,11 @@ from flora.config import RunConfig
 RESULTS = Path(__file__).parent / "results"
 DOCS = Path(__file__).parents[1] / "docs"
 HETEROGENEOUS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
-HOMOGENEOUS_METHODS = ["flora", "fedit", "ffa", "fedex", "flexlora", "centralized", "standalone"]
-HETEROGENEOUS_METHODS = ["flora", "zeropad", "flexlora", "centralized", "standalone"]
-KEY_PAIRS = {"homogeneous": ("flora", "fedit"), "heterogeneous": ("flora", "zeropad")}
+HOMOGENEOUS_METHODS = ["flora", "fedit", "ffa", "fedex", "flexlora", "florana", "centralized", "standalone"]
+HETEROGENEOUS_METHODS = ["flora", "zeropad", "flexlora", "raflora", "fedplora", "centralized", "standalone"]
+# The runs every seed gets, per setting; FLoRA (first) is paired with each of the others.
+KEY_PAIRS = {"homogeneous": ("flora", "fedit", "florana"), "heterogeneous": ("flora", "zeropad", "raflora", "fedplora")}
+NEW_METHODS = ("florana", "raflora", "fedplora")  # issue 22's peers: each setting's best of them is a reference too
 
 PROFILES = {
     "quick": dict(settings=dict(rounds=2, local_steps=1, batch_size=2, micro_batch_size=2, cutoff=128,
@@ -158,6 +166,29 @@ def paired_differences(rows: dict[str, dict], setting: str, pair: tuple[str, str
     return {"per_seed": per_seed, "mean": mean(values), "std": stdev(values) if len(values) > 1 else None}
 
 
+def best_new_method(rows: dict[str, dict], setting: str) -> str | None:
+    """The key run among ``NEW_METHODS`` with the lowest mean final test loss over the seeds all of them
+    finished (a seed moves the test set: means over different seeds do not compare). None: no common seed."""
+    finals = {m: seed_finals(rows, setting, m) for m in KEY_PAIRS[setting] if m in NEW_METHODS}
+    finals = {m: f for m, f in finals.items() if f}
+    common = set.intersection(*(set(f) for f in finals.values())) if finals else set()
+    if not common:
+        return None
+    return min(finals, key=lambda m: mean(finals[m][s] for s in common))
+
+
+def key_comparisons(rows: dict[str, dict]) -> list[tuple[str, tuple[str, str]]]:
+    """``(setting, (first, second))`` for every paired difference the report shows: FLoRA minus each other key
+    run, then every other key run minus the best of the new peers."""
+    comparisons = []
+    for setting, methods in KEY_PAIRS.items():
+        comparisons += [(setting, (methods[0], other)) for other in methods[1:]]
+        best = best_new_method(rows, setting)
+        if best is not None:
+            comparisons += [(setting, (other, best)) for other in methods if other not in (best, methods[0])]
+    return comparisons
+
+
 def _fmt(value, spec: str = ".4f") -> str:
     return "–" if value is None else format(value, spec)
 
@@ -203,12 +234,14 @@ def report(profile: str) -> str:
         parts += [f"| {k} | {v['n']} | {v['mean']:.4f} ± {v['std']:.4f} | {', '.join(f'{x:.4f}' for x in v['finals'])} |"
                   for k, v in seeds.items()]
         parts.append("")
-    paired = {f"{setting}: {pair[0]} − {pair[1]}": diff for setting, pair in KEY_PAIRS.items()
-              if (diff := paired_differences(rows, setting, pair))}
+    paired = {f"{setting}: {first} − {second}": diff for setting, (first, second) in key_comparisons(rows)
+              if (diff := paired_differences(rows, setting, (first, second)))}
     if paired:
+        best = {setting: best_new_method(rows, setting) for setting in KEY_PAIRS}
         parts += ["## Key pairs, paired by seed (final test loss difference; a seed fixes data sample, partition "
-                  "and test set)\n", "| difference | seeds | per seed | mean ± std | negative (first better) |",
-                  "|---|---:|---|---|---:|"]
+                  "and test set)\n", "Best of the new peers (lowest mean final test loss over their common seeds): "
+                  + (", ".join(f"{k} {v}" for k, v in best.items() if v) or "none finished") + ".\n",
+                  "| difference | seeds | per seed | mean ± std | negative (first better) |", "|---|---:|---|---|---:|"]
         for k, v in paired.items():
             spread = "" if v["std"] is None else f" ± {v['std']:.4f}"
             per_seed = ", ".join(f"s{s}: {d:+.4f}" for s, d in v["per_seed"].items())
@@ -240,7 +273,7 @@ def _plot(profile: str, rows: dict[str, dict]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     methods = list(dict.fromkeys(HOMOGENEOUS_METHODS + HETEROGENEOUS_METHODS))
-    colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}  # one colour per method in both panels
+    colours = {m: plt.get_cmap("tab20")(i) for i, m in enumerate(methods)}  # one colour per method in both panels
     for ax, (setting, methods) in zip(axes, (("homogeneous", HOMOGENEOUS_METHODS),
                                              ("heterogeneous", HETEROGENEOUS_METHODS))):
         for method in methods:

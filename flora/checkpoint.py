@@ -8,8 +8,11 @@ Layout (``OUT/checkpoint/``)::
 
 The global model after round ``t`` is the base model plus rounds ``1..t`` applied in order, so the
 round files are the global weights delta; each round writes only its own file (no rewriting of a
-growing blob), then ``state.json`` is replaced atomically. A crash while writing leaves the previous
-checkpoint valid: a round file beyond ``state.json``'s count is ignored and overwritten.
+growing blob), then ``state.json`` is replaced atomically. Each file is fsynced before its rename and its
+directory after it, so ``state.json`` never names a round file that is not on disk. A crash while writing
+leaves the previous checkpoint valid: a round file beyond ``state.json``'s count is ignored and overwritten.
+A fresh run replaces an earlier checkpoint only if the directory holds nothing but these files
+(:func:`remove_checkpoint`).
 
 All randomness of a round (client sampling, adapter initialisation, batch order, dropout) is seeded
 from ``(seed, round, client)``, so a resumed run draws exactly what the uninterrupted run drew; the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,9 +120,10 @@ def _read(out_dir: str | Path, expected: RunConfig | None) -> tuple[Checkpoint, 
     return checkpoint, torch.frombuffer(bytearray(rng), dtype=torch.uint8)
 
 
-def load_run_model(out_dir: str | Path, client: int = 0):
-    """The global model of a run after its last checkpointed round: base weights + every round's
-    merge + the final global adapter merged in (standalone: client ``client``'s own adapter).
+def load_run_model(out_dir: str | Path, client: int = 0, rounds: int | None = None):
+    """The global model of a run after its last checkpointed round (or after round ``rounds``): base
+    weights + every round's merge + the final global adapter merged in (standalone: client ``client``'s
+    own adapter).
 
     Returns ``(LoadedModel, RunConfig, Checkpoint)``.
     """
@@ -126,10 +131,11 @@ def load_run_model(out_dir: str | Path, client: int = 0):
     from flora.modeling import merge_update
 
     checkpoint = read_checkpoint(out_dir)
+    check_round(out_dir, checkpoint, rounds)
     config = RunConfig.from_dict(checkpoint.config, f"{checkpoint_dir(out_dir) / 'state.json'}")
     loaded = load_model(config.model)
     state = GlobalState(loaded.model)
-    state.apply(checkpoint.updates, 0)
+    state.apply(checkpoint.updates[:rounds], 0)
     per_client = config.spec.per_client_models
     adapter = state.adapter_of(client, per_client)
     if per_client and adapter is None:
@@ -138,6 +144,13 @@ def load_run_model(out_dir: str | Path, client: int = 0):
     if adapter:
         merge_update(loaded.model, {name: B @ A for name, (A, B) in adapter.items()})
     return loaded, config, checkpoint
+
+
+def check_round(out_dir: str | Path, checkpoint: Checkpoint, rounds: int | None) -> None:
+    """:class:`CheckpointError` unless ``rounds`` is None (the last) or a round the checkpoint holds."""
+    if rounds is not None and not 1 <= rounds <= checkpoint.rounds_done:
+        raise CheckpointError(f"{checkpoint_dir(out_dir) / 'state.json'}: no round {rounds}; the checkpoint holds "
+                              f"rounds 1..{checkpoint.rounds_done}")
 
 
 def _check_same_run(path: Path, saved: dict, current: dict, rounds_done: int) -> None:
@@ -153,9 +166,62 @@ def _check_same_run(path: Path, saved: dict, current: dict, rounds_done: int) ->
 
 
 def _atomic(path: Path, write) -> None:
+    """Write ``path`` through a temporary file: its bytes are fsynced before the rename, and the directory
+    after it, so a file that ``state.json`` names is on disk before ``state.json`` is."""
     tmp = path.with_name(path.name + ".tmp")
     write(str(tmp))
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+ROUND_FILE = re.compile(r"\d{5}\.safetensors(\.tmp)?")
+
+
+def remove_checkpoint(root: Path) -> None:
+    """Delete the FLoRA checkpoint at ``root`` (a fresh run replaces an earlier one), file by file: only
+    ``state.json`` (with a ``format`` field), ``rounds/NNNNN.safetensors`` and their ``.tmp`` files. Anything
+    else there — or ``root`` being a link or a file — means it is not a checkpoint FLoRA wrote:
+    :class:`CheckpointError`, and nothing is deleted."""
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"{root}: {why}, so it is not a FLoRA checkpoint and a fresh run will not delete "
+                               f"it; choose another out_dir or move it away")
+
+    if root.is_symlink() or not root.is_dir():
+        raise refuse("not a directory (a link or a file)")
+    rounds = root / "rounds"
+    files = []
+    for entry in root.iterdir():
+        if entry.name in ("state.json", "state.json.tmp") and entry.is_file() and not entry.is_symlink():
+            files.append(entry)
+        elif entry == rounds and rounds.is_dir() and not rounds.is_symlink():
+            for item in rounds.iterdir():
+                if not (ROUND_FILE.fullmatch(item.name) and item.is_file() and not item.is_symlink()):
+                    raise refuse(f"it holds {item}")
+                files.append(item)
+        else:
+            raise refuse(f"it holds {entry}")
+    state = root / "state.json"
+    if state.is_file():
+        try:
+            data = json.loads(state.read_text())
+            if not isinstance(data, dict) or "format" not in data:
+                raise ValueError("no format field")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise refuse(f"{state} is not a checkpoint state ({exc})") from None
+    for path in files:
+        path.unlink()
+    if rounds.is_dir():
+        rounds.rmdir()
+    root.rmdir()
 
 
 def record_to_json(record: dict) -> dict:

@@ -1,20 +1,24 @@
 """One client process, as plain Python: keep the global state in sync, train a partition's adapter.
 
 How the client starts its adapter each round comes from the method's registry entry
-(``config.spec``: fresh, the global adapter, its first ``r_k`` ranks, or its own); the Flower
-ClientApp (``client_app.py``) is a thin skin over :meth:`FederationClient.train`.
+(``config.spec``: fresh, the global adapter, its first ``r_k`` ranks, its own, or warm factors with
+the base weights shifted); the Flower ClientApp (``client_app.py``) is a thin skin over
+:meth:`FederationClient.train`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from flora.adapters import LoraSpec
 from flora.config import RunConfig
 from flora.lora.factors import Factors
+from flora.precision import temporary_update
 from flora.rounds import ClientReply, RoundUpdate
 from flora.runtime import Runtime
-from flora.train import TrainSpec, train_client
+from flora.train import TrainSpec, attach_adapter, detach_adapter, extract_factors, train_client
 
 
 def lora_spec(config: RunConfig, rank: int, client: int = 0) -> LoraSpec:
@@ -35,6 +39,33 @@ def init_seed(config: RunConfig, round_: int, client: int) -> int:
     """Seed of a fresh adapter's A: one for every client where the method shares its initialisation,
     else one per round and client."""
     return config.seed * 7919 + (0 if config.spec.shared_init else round_ * 1_009 + client + 1)
+
+
+def global_rank(config: RunConfig) -> int:
+    """Rank ``R`` of the global adapter of a module-selecting method (Fed-PLoRA): the largest client rank."""
+    return max(config.client_rank(k) for k in range(config.num_partitions))
+
+
+def module_draw(config: RunConfig, round_: int, client: int, rank: int) -> list[int]:
+    """The ``rank`` modules (of ``global_rank``) client ``client`` trains in ``round_``: drawn uniformly without
+    replacement, seeded by (seed, round, client), sorted. Client and server compute it alike, so the server
+    knows which modules each reply holds without being told."""
+    total = global_rank(config)
+    if not 1 <= rank <= total:
+        raise ValueError(f"rank {rank}: expected 1 <= rank <= the global adapter's rank {total}")
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round_ * 7_919 + client * 104_729 + 17)
+    return sorted(torch.randperm(total, generator=generator)[:rank].tolist())
+
+
+def initial_adapter(model: torch.nn.Module, config: RunConfig) -> dict[str, Factors]:
+    """The global adapter before round 1 for a module-selecting method: rank ``global_rank`` with ``A`` as a fresh
+    LoRA of the shared initialisation seed starts (so with equal ranks round 1 is FedIT's) and ``B = 0``.
+    The model is unchanged."""
+    peft_model = attach_adapter(model, lora_spec(config, global_rank(config)), init_seed=init_seed(config, 1, 0))
+    try:
+        return extract_factors(peft_model)
+    finally:
+        detach_adapter(peft_model)
 
 
 class FederationClient:
@@ -66,17 +97,41 @@ class FederationClient:
                                gradient_checkpointing=config.gradient_checkpointing,
                                lr_schedule=config.lr_schedule, warmup_steps=config.warmup_steps,
                                schedule_start=(round_ - 1) * steps, schedule_steps=config.rounds * steps)
-        result = train_client(self.state.model, self.assets.tokenizer, examples, lora_spec(config, rank, client),
-                              train_spec, init_seed=init_seed(config, round_, client),
-                              init_factors=self.start_factors(client, rank))
+        try:
+            init, shift = self.start(client, rank, round_)
+        except ValueError as exc:
+            return ClientReply(client=client, node=node, factors=None, error=str(exc), applied=self.state.applied)
+        with temporary_update(self.state.model, shift):  # the base the adapter trains on top of (``start``)
+            result = train_client(self.state.model, self.assets.tokenizer, examples, lora_spec(config, rank, client),
+                                  train_spec, init_seed=init_seed(config, round_, client), init_factors=init,
+                                  fill_fresh=spec.warm_start)
         if spec.per_client_models:
             self.state.client_adapters[client] = result.factors  # never leaves this client in a deployment
         return ClientReply(client=client, node=node, factors=result.factors, num_examples=result.num_examples,
                            train_loss=result.train_loss, tokens=result.tokens, seconds=result.seconds,
                            applied=self.state.applied, rank=rank)
 
-    def start_factors(self, client: int, rank: int) -> dict[str, Factors] | None:
-        """The factors this round's adapter starts from (None: a fresh adapter)."""
-        if self.config.spec.fresh_adapters:
-            return None
-        return self.state.init_factors(client, rank, truncate=self.config.spec.truncates)
+    def start(self, client: int, rank: int, round_: int
+              ) -> tuple[dict[str, Factors] | None, dict[str, torch.Tensor]]:
+        """The factors this round's adapter starts from (None: a fresh adapter), and the dense updates added to
+        the frozen base while it trains, so that base + adapter is the global model:
+
+        * warm start (``flora/lora/warm.py``): ``(A⁰, B⁰)`` of at most ``rank`` ranks per layer (ranks and layers
+          it leaves out start fresh), base shifted by ``−B⁰ A⁰``;
+        * Fed-PLoRA's Select-N-Fold: the drawn rank-1 modules of the global adapter, the others folded in;
+        * otherwise the method's start (fresh, global, truncated, own) and no shift.
+        The exact saved weights come back after training (``precision.temporary_update``)."""
+        spec = self.config.spec
+        if spec.warm_start:
+            init = self.state.warm.factors(rank, self.config.warm_split)
+            return init, {name: -(B @ A) for name, (A, B) in init.items()}
+        if spec.fresh_adapters:
+            return None, {}
+        if not spec.selects_modules:
+            return self.state.init_factors(client, rank, truncate=spec.truncates), {}
+        adapter = self.state.adapter or initial_adapter(self.state.model, self.config)
+        drawn = module_draw(self.config, round_, client, rank)
+        rest = sorted(set(range(global_rank(self.config))) - set(drawn))
+        init = {name: (A[drawn], B[:, drawn]) for name, (A, B) in adapter.items()}
+        fold = {name: B[:, rest] @ A[rest] for name, (A, B) in adapter.items()} if rest else {}
+        return init, fold

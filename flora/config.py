@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flora.adapters import ADAPTER_KINDS, DEFAULT_TARGETS
 from flora.lora.methods import METHODS, MethodSpec
+from flora.lora.warm import SOURCES, SPLITS
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -40,6 +41,7 @@ class RunConfig:
     sample_fraction: float = 1.0
     min_clients: int = 1
     weighting: str = "num_examples"  # or 'uniform'
+    max_client_weight: float = 0.0  # no client's weight above this; deployment: > 0 lets claimed sizes count (0 = uniform)
     partition: str = "dirichlet"  # iid | dirichlet | quantity
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.05
@@ -48,6 +50,9 @@ class RunConfig:
     outlier_mad: float = 0.0  # reject updates whose norm's modified z-score (median/MAD) exceeds this (0 = off)
     broadcast: str = "private"  # private (never a client's own factors) | smallest | stacked | refactorized | dense
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies (Flower engine)
+    # warm starts (methods whose clients warm-start, flora-warm; see flora/lora/warm.py)
+    warm_source: str = "accumulated"  # G the warm factors are cut from: accumulated (Σ of all merges) | last (merge)
+    warm_split: str = "lora"  # lora (A⁰ = Vᵀ/√3, B⁰ = U S √3: a fresh A's scale) | balanced (A⁰ = √S Vᵀ, B⁰ = U √S)
     # client-level differential privacy (flora only; see flora/lora/dp.py)
     dp_noise_multiplier: float = 0.0  # σ: Gaussian noise std in units of dp_clip_norm (0 = DP off)
     dp_clip_norm: float = 0.0  # C: each client's whole-model ‖B_k A_k‖ is clipped to this (required with DP)
@@ -126,6 +131,9 @@ class RunConfig:
             raise ConfigError(f"min_clients = {self.min_clients} exceeds num_clients = {self.num_clients}")
         if self.weighting not in ("num_examples", "uniform"):
             raise ConfigError(f"weighting = {self.weighting!r}: expected 'num_examples' or 'uniform'")
+        if not 0 <= self.max_client_weight <= 1:
+            raise ConfigError(f"max_client_weight = {self.max_client_weight}: expected a weight in [0, 1] (0 = no cap; "
+                              f"a deployment then weights clients uniformly)")
         if self.partition not in ("iid", "dirichlet", "quantity"):
             raise ConfigError(f"partition = {self.partition!r}: expected 'iid', 'dirichlet' or 'quantity'")
         if self.broadcast not in ("private", "smallest", "stacked", "refactorized", "dense"):
@@ -153,6 +161,7 @@ class RunConfig:
         if not self.targets:
             raise ConfigError("targets: expected at least one module name (e.g. q_proj)")
         self._validate_hardware()
+        self._validate_warm()
         self._validate_dp()
 
     def _validate_hardware(self) -> None:
@@ -174,6 +183,16 @@ class RunConfig:
         if self.client_gpus > 0 and self.device == "cpu":
             raise ConfigError(f"client_gpus = {self.client_gpus} with device = 'cpu': clients would reserve a GPU "
                               f"they do not use; set device = 'cuda' (or 'auto') or client_gpus = 0")
+    def _validate_warm(self) -> None:
+        if self.warm_source not in SOURCES:
+            raise ConfigError(f"warm_source = {self.warm_source!r}: expected one of {', '.join(SOURCES)}")
+        if self.warm_split not in SPLITS:
+            raise ConfigError(f"warm_split = {self.warm_split!r}: expected one of {', '.join(SPLITS)}")
+        screening = [key for key in ("max_update_norm", "clip_update_norm", "outlier_mad") if getattr(self, key)]
+        if self.spec.warm_start and screening:
+            raise ConfigError(f"{', '.join(screening)}: not implemented for method {self.method!r}, whose clients "
+                              f"warm-start: the norm screening sees the uploaded B_k A_k, which holds the warm start, "
+                              f"not the client's contribution B_k A_k − B⁰_k A⁰_k")
 
     def _validate_dp(self) -> None:
         if self.dp_noise_multiplier < 0 or not math.isfinite(self.dp_noise_multiplier):

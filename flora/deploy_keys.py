@@ -5,7 +5,9 @@
 ``--host`` as an IP or DNS subject alternative name). ``python -m flora.deploy_keys node DIR NAME``
 writes ``NAME`` and ``NAME.pub``: an OpenSSH ECDSA P-384 key pair, the form Flower's SuperNode
 authentication reads (``--auth-supernode-private-key``, ``flwr supernode register NAME.pub``).
-Files that exist are left as they are, so a deployment keeps its identity across restarts.
+Files that exist are left as they are, so a deployment keeps its identity across restarts; an existing
+private key that others could read is refused (:class:`KeyFileError`), never silently reused. Private keys
+are created with mode 0600 and renamed into place, so they are never readable by others, not even briefly.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import argparse
 import datetime
 import ipaddress
 import os
+import secrets
+import stat
 from pathlib import Path
 
 from cryptography import x509
@@ -24,9 +28,40 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 VALID_DAYS = 365
 
 
+class KeyFileError(ValueError):
+    """A private key file that must not be used as it is (readable by others, a link); names the file."""
+
+
 def _write_private(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    os.chmod(path, 0o600)
+    """Write a private key readable by its owner only, atomically: the bytes go to a new temporary file
+    created with mode 0600 (``O_EXCL``: never an existing file, never through a link) and fsynced, then it
+    is renamed over ``path``. The key is never on disk with wider permissions, nor half-written."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # exactly 0600 whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+def check_private(path: Path) -> Path:
+    """``path`` if it is a regular file (not a link) that only its owner can read or write; else
+    :class:`KeyFileError` saying how to fix it (an existing key is never silently reused)."""
+    if path.is_symlink() or not path.is_file():
+        raise KeyFileError(f"{path}: a private key must be a regular file, not a link or directory")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise KeyFileError(f"{path}: private key has mode {mode:04o}, readable or writable by others; expected "
+                           f"0600 (run `chmod 600 {path}` if it was never exposed, else delete it to make a new one)")
+    return path
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -47,6 +82,8 @@ def write_tls(directory: str | Path, hosts: list[str]) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / name for name in ("ca.crt", "ca.key", "server.pem", "server.key")}
     if all(p.is_file() for p in paths.values()):
+        check_private(paths["ca.key"])
+        check_private(paths["server.key"])
         return paths
     now = datetime.datetime.now(datetime.timezone.utc)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=VALID_DAYS)
@@ -82,7 +119,7 @@ def write_node_key(directory: str | Path, name: str) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     private, public = directory / name, directory / f"{name}.pub"
     if private.is_file() and public.is_file():
-        return private, public
+        return check_private(private), public
     key = ec.generate_private_key(ec.SECP384R1())
     _write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                               serialization.NoEncryption()))
@@ -102,11 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     node.add_argument("directory")
     node.add_argument("name")
     args = parser.parse_args(argv)
-    if args.command == "tls":
-        for path in write_tls(args.directory, args.host).values():
-            print(path)
-    else:
-        print(*write_node_key(args.directory, args.name), sep="\n")
+    try:
+        if args.command == "tls":
+            for path in write_tls(args.directory, args.host).values():
+                print(path)
+        else:
+            print(*write_node_key(args.directory, args.name), sep="\n")
+    except KeyFileError as exc:
+        raise SystemExit(f"flora.deploy_keys: error: {exc}") from None
 
 
 if __name__ == "__main__":

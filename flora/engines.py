@@ -12,9 +12,9 @@ from pathlib import Path
 from flora.client import FederationClient
 from flora.config import RunConfig
 from flora.rounds import ClientReply
-from flora.runner import format_round, start_run
+from flora.runner import client_line, format_round, start_run
 from flora.runtime import Runtime
-from flora.server import FederationServer, round_clients
+from flora.server import FederationServer, public_record, round_clients
 
 ENGINES = ("flower", "local")
 
@@ -42,7 +42,7 @@ def run_in_process(config: RunConfig, runtime: Runtime | None = None, progress: 
     ``resume`` continues from ``OUT/checkpoint``. ``runtime``: a fresh one unless given.
     """
     runtime = runtime or Runtime()
-    server, writer = start_run(config, runtime, resume, progress)
+    server, writer = start_run(config, runtime, resume, progress, known_partitions=True)
     client = FederationClient(config, runtime)
     for round_ in range(len(server.history) + 1, config.rounds + 1):
         started = time.perf_counter()
@@ -57,10 +57,10 @@ def run_in_process(config: RunConfig, runtime: Runtime | None = None, progress: 
                                            applied=server.node_applied.get(node, 0)))
                 continue
             reply = client.train(k, node, round_, first, updates)
-            progress(f"  round {round_} client {k} (rank {rank}): train loss {reply.train_loss:.4f}, "
-                     f"{reply.tokens / max(reply.seconds, 1e-9):.0f} tok/s")
+            if not config.dp_enabled:  # with DP a client's loss is an unprivatised statistic
+                progress(client_line(round_, reply))
             replies.append(reply)
         record = server.aggregate_round(round_, replies, bytes_down, started)
         writer.round_done(server)
-        progress(format_round(record))
+        progress(format_round(public_record(config, record)))
     return server

@@ -6,6 +6,8 @@ global adapter (methods whose clients continue from it keep training it); see th
 
 * merging methods (``flora``, ``centralized``): ``merge`` = the aggregate ``Σ p_k B_k A_k`` in its
   broadcast form; clients start a fresh adapter of their rank every round;
+* ``flora-warm``: ``merge`` = the aggregate ``Σ p_k (B_k A_k − B⁰_k A⁰_k)``; every party also keeps the
+  warm source (``GlobalState.warm``) the clients' start factors are cut from;
 * continuing methods (``fedit``, ``ffa``, ``zeropad``, ``flexlora``): ``adapter`` = the aggregated
   adapter (each client takes its first ``r_k`` ranks where the method truncates);
 * ``fedex``: ``adapter`` = averages, ``merge`` = the dense residual;
@@ -26,6 +28,7 @@ import torch
 
 from flora.data.tokenize import Example
 from flora.lora.factors import Factors, truncate_factors
+from flora.lora.warm import WarmSource
 from flora.modeling import evaluate_loss
 from flora.precision import Merge, apply_merges, dense, temporary_update  # noqa: F401 (Merge, dense: re-exported)
 
@@ -74,17 +77,20 @@ class ClientReply:
     error: str | None = None
     applied: int = 0  # round updates the client's model holds after this round's catch-up
     rank: int = 0  # the adapter's (initial) rank; AdaLoRA may send fewer
+    rejection: str | None = None  # why the server's decoding rejected the reply (``flora/wire_checks.py``)
 
 
 class GlobalState:
     """Base weights with every applied ``merge``, and the latest adapters (held by the server and by
-    every client process)."""
+    every client process); with ``warm`` (a warm-starting method) also the source of the warm factors,
+    fed with every applied merge."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, warm: WarmSource | None = None):
         self.model = model
         self.applied = 0  # number of round updates merged into ``model``
         self.adapter: dict[str, Factors] | None = None
         self.client_adapters: dict[int, dict[str, Factors]] = {}
+        self.warm = warm
 
     def apply(self, updates: Sequence[RoundUpdate], first_index: int) -> None:
         """Apply ``updates`` (history entries ``first_index, first_index + 1, ...``) not yet applied."""
@@ -94,6 +100,8 @@ class GlobalState:
             if index < self.applied:
                 continue
             apply_merges(self.model, update.merge)  # in place, or beside the layer (precision.py)
+            if self.warm is not None:
+                self.warm.add(update.merge)
             if update.adapter is not None:
                 self.adapter = update.adapter
             if update.client_adapters is not None:

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from flora.checkpoint import checkpoint_dir, load_checkpoint, record_to_json, save_round
+from flora.checkpoint import checkpoint_dir, load_checkpoint, record_to_json, remove_checkpoint, save_round
 from flora.config import RunConfig, save_config
 from flora.runtime import Runtime
 from flora.server import FederationServer
@@ -41,21 +40,24 @@ def _json_line(record: dict) -> str:
     return json.dumps(record_to_json(record)) + "\n"
 
 
-def server_for(config: RunConfig, runtime: Runtime) -> FederationServer:
-    """A server with its own copy of the model (clients in the same runtime share the cached one)."""
-    return FederationServer(config, runtime.server_assets(config))
+def server_for(config: RunConfig, runtime: Runtime, known_partitions: bool = True) -> FederationServer:
+    """A server with its own copy of the model (clients in the same runtime share the cached one).
+    ``known_partitions``: the partitions are this process's own (see :class:`FederationServer`)."""
+    return FederationServer(config, runtime.server_assets(config), known_partitions=known_partitions)
 
 
-def start_run(config: RunConfig, runtime: Runtime, resume: bool = False, progress: Callable[[str], None] = print
-              ) -> tuple[FederationServer, ResultsWriter]:
-    """Server and results writer for a new run, or for one resumed from ``OUT/checkpoint``."""
+def start_run(config: RunConfig, runtime: Runtime, resume: bool = False, progress: Callable[[str], None] = print,
+              known_partitions: bool = False) -> tuple[FederationServer, ResultsWriter]:
+    """Server and results writer for a new run, or for one resumed from ``OUT/checkpoint``.
+    ``known_partitions``: the engine made the clients' partitions itself (in-process, Flower simulation)."""
     checkpoint = load_checkpoint(config.out_dir, config) if resume else None
-    server = server_for(config, runtime)  # model, data and partition first: bad input fails before anything is replaced
+    # model, data and partition first: bad input fails before anything is replaced
+    server = server_for(config, runtime, known_partitions)
     stale = checkpoint_dir(config.out_dir)
-    if not resume and stale.exists():  # a fresh run must not leave another run's rounds to be resumed
-        progress(f"[flora] {config.out_dir} holds an earlier run's checkpoint: starting fresh "
+    if not resume and (stale.exists() or stale.is_symlink()):  # a fresh run must not leave another run's rounds
+        remove_checkpoint(stale)  # refuses (CheckpointError) a directory that is not a FLoRA checkpoint
+        progress(f"[flora] {config.out_dir} held an earlier run's checkpoint: starting fresh "
                  f"(use --resume to continue it instead)")
-        shutil.rmtree(stale)
     if checkpoint is not None:
         server.restore(checkpoint.updates, checkpoint.metrics)
     writer = ResultsWriter(config, server.assets.partition.report(), server.metrics)
@@ -69,7 +71,19 @@ def start_run(config: RunConfig, runtime: Runtime, resume: bool = False, progres
     return server, writer
 
 
+def client_line(round_: int, reply) -> str:
+    """A client's progress line (``reply``: a successful :class:`~flora.rounds.ClientReply`)."""
+    return (f"  round {round_} client {reply.client} (rank {reply.rank}): train loss {reply.train_loss:.4f}, "
+            f"{reply.tokens / max(reply.seconds, 1e-9):.0f} tok/s")
+
+
 def format_round(record: dict) -> str:
+    """A round's progress line; for a differentially private run's public record (no client statistics,
+    see :func:`flora.server.public_record`) only the test loss and the privacy spent."""
+    if "train_loss" not in record:
+        return (f"[round {record['round']}] test loss {record['test_loss']:.4f}  differential privacy: epsilon "
+                f"{record['dp_epsilon']:.4g} at delta {record['dp_delta']:g}"
+                + ("  (dp_noise_seed set: guarantee VOID)" if record.get("dp_guarantee_void") else ""))
     return (f"[round {record['round']}] test loss {record['test_loss']:.4f}  train loss {record['train_loss']:.4f}  "
             f"agg. error {record['aggregation_error']:.2e}  up {record['bytes_up'] / 2**20:.1f} MiB  "
             f"down {record['bytes_down'] / 2**20:.1f} MiB  clients ok/failed {record['clients_ok']}/"

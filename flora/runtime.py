@@ -21,6 +21,7 @@ from flora.data.partition import Partition, partition
 from flora.data.sources import load_records
 from flora.data.tokenize import Example, encode_all
 from flora.hardware import model_options, prepare_quantized
+from flora.lora.warm import WarmSource
 from flora.models.loader import check_target_modules, load_model
 from flora.modeling import layer_shapes
 from flora.rounds import GlobalState
@@ -107,6 +108,12 @@ def check_ranks_fit(config: RunConfig, shapes: Mapping[str, tuple[int, int]]) ->
                           f"layer {name} {tuple(shape)}; expected ranks <= {min(shape)} for this model and targets")
 
 
+def global_state(config: RunConfig, model: torch.nn.Module) -> GlobalState:
+    """The global state a party (server or client process) keeps on ``model`` for ``config``'s method: with the
+    warm source where clients warm-start (``config.spec.warm_start``)."""
+    return GlobalState(model, WarmSource(config.warm_source) if config.spec.warm_start else None)
+
+
 class Runtime:
     """Assets per :class:`AssetKey`, and the client-side global state on each assets' model."""
 
@@ -125,7 +132,7 @@ class Runtime:
         """The global state a client process keeps across rounds (on the cached model)."""
         key = AssetKey.of(config)
         if key not in self._client_states:
-            self._client_states[key] = GlobalState(self.assets(config).model)
+            self._client_states[key] = global_state(config, self.assets(config).model)
         return self._client_states[key]
 
     def server_assets(self, config: RunConfig) -> Assets:

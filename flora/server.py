@@ -8,6 +8,16 @@ thin skin over this class.
 Catch-up: the server keeps the list of round updates and, per node, how many of them that node has
 applied; a message carries the ones it lacks. A client process that holds fewer (it restarted) says
 so in its reply, is left out of that round, and gets the full list next round.
+
+Trust (DESIGN.md §2): a reply is used only after :meth:`FederationServer.screen` checked it against
+:meth:`FederationServer.rules_for` (``flora/wire_checks.py``: partition, claimed rank at most the node's
+configured rank, example count, ``applied`` exactly what the server sent) and
+:func:`~flora.lora.factors.check_update` (dtype, shapes, finiteness, norms in float64). A partition
+belongs to the first node whose reply for it was accepted, until that node fails; two nodes claiming
+one partition in a round are both rejected. A rejected reply is logged with node, partition and reason
+and counted in ``clients_rejected``; the round goes on with the others. Client weights come from the
+partitions' sizes where the server knows them (``known_partitions``: an engine that made the
+partitions itself), else they are uniform, or with ``max_client_weight`` the claimed sizes capped.
 """
 
 from __future__ import annotations
@@ -22,17 +32,22 @@ from statistics import median
 
 import torch
 
+from flora.client import global_rank, initial_adapter, module_draw
 from flora.config import RunConfig
 from flora.data.tokenize import Example
 from flora.lora.aggregate import aggregation_error
-from flora.lora.dp import DPSpec, clip_updates, noise_generator, noisy_layer_mean, poisson_sample, privacy_spent, \
-    truncate_dense
-from flora.lora.factors import InvalidUpdateError, check_update, client_weights
+from flora.lora.dp import DPRandom, DPSpec, clip_updates, noisy_layer_mean, privacy_spent, truncate_dense
+from flora.lora.factors import InvalidUpdateError, cap_weights, check_update, normalize_weights
 from flora.lora.methods import aggregate
 from flora.lora.refactor import refactorize, smallest_exact_form
 from flora.lora.robust import clip_update, mad_outliers, update_norm
 from flora.rounds import ClientReply, GlobalState, Merge, RoundUpdate, dense, nbytes
-from flora.runtime import Assets
+from flora.runtime import Assets, global_state
+from flora.wire_checks import RejectedReply, ReplyRules, check_reply_fields
+
+# With differential privacy, the only numbers of a round that leave the operator's own files
+# (metrics.jsonl): the privatised model's loss on the operator's test set and the accountant's output.
+DP_PUBLIC = ("round", "test_loss", "test_ppl", "dp_epsilon", "dp_delta", "dp_noise_std", "dp_guarantee_void")
 
 log = logging.getLogger("flora")
 
@@ -51,18 +66,41 @@ class Aggregated:
     update: RoundUpdate
     error: float  # relative aggregation error (NaN: nothing aggregated)
     record: dict = field(default_factory=dict)  # method-specific metrics (DP accounting)
+    weights: list[float] = field(default_factory=list)  # p_k of the accepted replies, in their order
 
 
 class FederationServer:
-    """Round bookkeeping, validation, aggregation, broadcast forms and evaluation."""
+    """Round bookkeeping, validation, aggregation, broadcast forms and evaluation.
 
-    def __init__(self, config: RunConfig, assets: Assets):
+    ``known_partitions``: the server made the clients' partitions itself (an engine of this process:
+    in-process or a Flower simulation), so it knows each partition's size and configured rank; a
+    deployment's server does not (each SuperNode brings its own data and rank).
+    """
+
+    def __init__(self, config: RunConfig, assets: Assets, known_partitions: bool = False):
         self.config = config
         self.assets = assets
-        self.state = GlobalState(assets.model)
+        self.known_partitions = known_partitions
+        self.state: GlobalState = global_state(config, assets.model)
         self.history: list[RoundUpdate] = []
         self.node_applied: dict[str, int] = {}  # how many history entries each node's model holds
+        self.sent: dict[str, int] = {}  # this round: node -> history entries its message brings it to
+        self.node_partition: dict[str, int] = {}  # partition of each node, bound by its first accepted reply
+        self.node_rank: dict[str, int] = {}  # rank of each node's last accepted reply (truncates its adapter)
         self.metrics: list[dict] = []
+        self.dp_random = DPRandom(config.dp_noise_seed)
+        self._sizes: dict[int, int] = {}
+        float_dtypes = {p.dtype for p in assets.model.parameters() if p.is_floating_point()} | {torch.float32}
+        self.factor_dtypes = frozenset(float_dtypes)
+        self.wire_dtypes = frozenset(_numpy_name(d) for d in float_dtypes if _numpy_name(d))
+        if config.dp_enabled and self.dp_random.guarantee_void:
+            log.warning("dp_noise_seed = %d: the noise and the participation sample are reproducible from it; "
+                        "the differential privacy guarantee is VOID (use dp_noise_seed = -1 for a private run)",
+                        config.dp_noise_seed)
+        if self.unweighted_claims:
+            log.warning("clients' example counts cannot be verified by this server (deployment): clients are "
+                        "weighted uniformly; set max_client_weight = c to weight by the counts they claim, no "
+                        "client above c")
 
     def restore(self, history: Sequence[RoundUpdate], metrics: Sequence[dict]) -> None:
         """Continue after ``history`` (a checkpoint). Client processes are new, so every node gets the
@@ -74,9 +112,45 @@ class FederationServer:
 
     # messages ---------------------------------------------------------------------------------
     def updates_for(self, node: str) -> tuple[int, list[RoundUpdate]]:
-        """The history entries ``node`` lacks: ``(first_index, updates)``."""
+        """The history entries ``node`` lacks: ``(first_index, updates)``; remembered as what this round's
+        message to ``node`` brings it to (its reply's ``applied`` is checked against it)."""
         start = self.node_applied.get(node, 0)
+        self.sent[node] = len(self.history)
         return start, self.history[start:]
+
+    def sent_rank(self, node: str) -> int | None:
+        """The rank a truncating method cuts ``node``'s adapter to: its last accepted (bounded) rank."""
+        return self.node_rank.get(node)
+
+    # what a reply may contain ------------------------------------------------------------------
+    def rules_for(self, node: str) -> ReplyRules:
+        """What the server accepts from ``node`` this round (see ``flora/wire_checks.py``)."""
+        return ReplyRules(layer_shapes=self.assets.layer_shapes, dtypes=self.wire_dtypes,
+                          num_partitions=self.config.num_partitions, rank_bound=self.rank_bound,
+                          known_size=self.known_size if self.known_partitions else None,
+                          applied_end=self.sent.get(node))
+
+    def rank_bound(self, partition: int) -> int:
+        """The largest rank partition ``partition`` may claim: its configured rank where the server knows the
+        partitions, else the largest configured rank; never above any layer's ``min(out, in)``."""
+        config = self.config
+        configured = (config.client_rank(partition) if self.known_partitions else
+                      max(config.client_rank(k) for k in range(config.num_partitions)))
+        return min([configured] + [min(shape) for shape in self.assets.layer_shapes.values()])
+
+    def known_size(self, partition: int) -> int:
+        """Training examples of ``partition`` (what its honest client reports as ``num-examples``)."""
+        if partition not in self._sizes:
+            split = "train:all" if self.config.spec.pooled else f"train:{partition}"
+            self._sizes[partition] = len(self.assets.examples(split, self.config.cutoff))
+        return self._sizes[partition]
+
+    @property
+    def unweighted_claims(self) -> bool:
+        """Data-size weighting is asked for but the sizes are claims the server may not use."""
+        config = self.config
+        return (config.weighting == "num_examples" and not config.dp_enabled and not self.known_partitions
+                and not config.max_client_weight)
 
     def download_bytes(self, node: str, rank: int) -> int:
         start, updates = self.updates_for(node)
@@ -88,15 +162,16 @@ class FederationServer:
         """Screen → aggregate → apply → evaluate; returns (and keeps) the round's metrics record."""
         config = self.config
         aggregation_started = time.perf_counter()
-        for reply in replies:
-            self.node_applied[reply.node] = reply.applied
         screening = self.screen(round_, replies)
+        self.sent.clear()  # a reply to this round's message is never valid later
         accepted = screening.accepted
         record = {"round": round_, "method": config.method, "clients_ok": len(accepted),
                   "clients_failed": len(screening.failed), "clients_rejected": len(screening.rejected),
                   "bytes_up": sum(nbytes(f) for r in replies if r.factors for f in r.factors.values()),
                   "bytes_down": bytes_down}
         aggregated = self.aggregate(round_, accepted)
+        if not config.dp_enabled and aggregated.weights:
+            record["client_weights"] = {str(r.client): p for r, p in zip(accepted, aggregated.weights)}
         self.apply(aggregated.update)
         record.update(rank_record(accepted, self.assets.layer_shapes))
         record["aggregation_error"] = aggregated.error
@@ -112,34 +187,98 @@ class FederationServer:
         return record
 
     def screen(self, round_: int, replies: Sequence[ClientReply]) -> Screening:
-        """Failed replies, updates that fail validation (shapes, finiteness, ``max_update_norm``), then norm
-        clipping (``clip_update_norm``) and outlier rejection (``outlier_mad``), both optional."""
+        """Sort the replies: rejected (decoding, fields, partition ownership, update validation, two nodes
+        claiming one partition), failed (an error reply), accepted; then norm clipping (``clip_update_norm``)
+        and outlier rejection (``outlier_mad``), both optional. Updates what the server believes each node
+        holds (``node_applied``: from failed and accepted replies only) and the node-partition bindings."""
         config = self.config
         screening = Screening()
+        claims: dict[int, list[ClientReply]] = {}
         for reply in replies:
-            if reply.error is not None:
+            reason = self._rejection(reply)
+            if reason is not None:
+                self._reject(round_, reply, reason, screening)
+            elif reply.error is not None:
                 screening.failed.append(reply)
-                log.warning("round %d: client %d (node %s) failed: %s", round_, reply.client, reply.node, reply.error)
+                self.node_applied[reply.node] = reply.applied
+                if self.node_partition.get(reply.node) == reply.client:  # its partition is free to rebind
+                    del self.node_partition[reply.node]
+                log.warning("round %d: client %s (node %s) failed: %s", round_, _client(reply), reply.node,
+                            printable(reply.error[:300]))
+            else:
+                claims.setdefault(reply.client, []).append(reply)
+        for partition, claimants in claims.items():
+            if len(claimants) > 1:
+                nodes = ", ".join(r.node for r in claimants)
+                for reply in claimants:
+                    self._reject(round_, reply, f"config 'partition-id' = {partition}: claimed by nodes {nodes} "
+                                                f"in one round; expected one node per partition", screening)
                 continue
-            try:
-                check_update(reply.factors, client=reply.client, layer_shapes=self.assets.layer_shapes,
-                             max_norm=config.max_update_norm or None)
-            except InvalidUpdateError as exc:
-                screening.rejected.append(reply)
-                log.warning("round %d: rejected update: %s", round_, exc)
-                continue
+            reply = claimants[0]
             screening.accepted.append(reply)
+            self.node_applied[reply.node] = reply.applied
+            self.node_partition[reply.node] = partition
+            self.node_rank[reply.node] = reply.rank
         if config.clip_update_norm:
             screening.accepted = [self._clipped(round_, reply) for reply in screening.accepted]
         if config.outlier_mad:
             screening.accepted = self._without_outliers(round_, screening.accepted, screening.rejected)
         return screening
 
+    def _check_module_ranks(self, reply: ClientReply) -> None:
+        """A module-selecting method's reply holds the same number of drawn modules, at most ``R``, in every layer."""
+        ranks = sorted({A.shape[0] for A, _ in reply.factors.values()})
+        total = global_rank(self.config)
+        if len(ranks) != 1 or ranks[0] > total:
+            raise InvalidUpdateError(reply.client, None, f"module ranks {ranks}: expected one rank <= the global "
+                                                         f"adapter's {total} in every layer")
+
+    def _module_options(self, round_: int, accepted: Sequence[ClientReply]) -> dict:
+        """Fed-PLoRA: the global adapter before this round and the modules each reply trained (the seeded draw)."""
+        previous = self.state.adapter or initial_adapter(self.state.model, self.config)
+        modules = [module_draw(self.config, round_, r.client, next(iter(r.factors.values()))[0].shape[0])
+                   for r in accepted]
+        return {"previous": previous, "modules": modules}
+
+    def _rejection(self, reply: ClientReply) -> str | None:
+        """Why ``reply`` cannot be used (None: it can; an error reply is then a failure)."""
+        if reply.rejection is not None:
+            return reply.rejection
+        try:
+            check_reply_fields(reply, self.rules_for(reply.node))
+        except RejectedReply as exc:
+            return str(exc)
+        if reply.error is not None:
+            return None
+        bound = self.node_partition.get(reply.node)
+        if bound is not None and bound != reply.client:
+            return f"config 'partition-id' = {reply.client}: expected {bound}, the partition of node {reply.node}"
+        owners = [n for n, k in self.node_partition.items() if k == reply.client and n != reply.node]
+        if owners:
+            return (f"config 'partition-id' = {reply.client}: partition {reply.client} belongs to node {owners[0]} "
+                    f"(bound by its first accepted reply; a node that fails frees it)")
+        try:
+            check_update(reply.factors, client=reply.client, layer_shapes=self.assets.layer_shapes,
+                         max_norm=self.config.max_update_norm or None, max_rank=reply.rank, dtypes=self.factor_dtypes)
+            if self.config.spec.selects_modules:
+                self._check_module_ranks(reply)
+        except InvalidUpdateError as exc:
+            return exc.reason if exc.layer is None else f"layer {exc.layer!r}: {exc.reason}"
+        if self.config.spec.warm_start and reply.applied != len(self.history):
+            return (f"trained on {reply.applied} round updates, the server holds {len(self.history)}: its warm start "
+                    f"was cut from another global model than the server's")
+        return None
+
+    def _reject(self, round_: int, reply: ClientReply, reason: str, screening: Screening) -> None:
+        screening.rejected.append(reply)
+        log.warning("round %d: rejected update: client %s (node %s): %s", round_, _client(reply), reply.node, reason)
+
     def _clipped(self, round_: int, reply: ClientReply) -> ClientReply:
         factors, factor = clip_update(reply.factors, self.config.clip_update_norm)
         if factor == 1:
             return reply
-        log.info("round %d: client %d update clipped by %.3g", round_, reply.client, factor)
+        if not self.config.dp_enabled:  # with DP a client's norm is an unprivatised statistic
+            log.info("round %d: client %d update clipped by %.3g", round_, reply.client, factor)
         return dataclasses.replace(reply, factors=factors)
 
     def _without_outliers(self, round_: int, accepted: list[ClientReply], rejected: list[ClientReply]
@@ -153,8 +292,9 @@ class FederationServer:
                 kept.append(reply)
                 continue
             rejected.append(reply)
-            log.warning("round %d: rejected update: client %d: norm %.4g is an outlier (median %.4g, modified "
-                        "z-score %.3g > outlier_mad = %g)", round_, reply.client, norm, centre, score, threshold)
+            log.warning("round %d: rejected update: client %d (node %s): norm %.4g is an outlier (median %.4g, "
+                        "modified z-score %.3g > outlier_mad = %g)", round_, reply.client, reply.node, norm, centre,
+                        score, threshold)
         return kept
 
     def aggregate(self, round_: int, accepted: Sequence[ClientReply]) -> Aggregated:
@@ -169,9 +309,16 @@ class FederationServer:
         if spec.aggregate is None:  # each client keeps its own model
             return Aggregated(RoundUpdate(round=round_, client_adapters={r.client: r.factors for r in accepted}), 0.0)
         updates = [r.factors for r in accepted]
-        weights = client_weights([r.num_examples for r in accepted], scheme=config.weighting,
-                                 num_clients=len(accepted))
-        result = aggregate(config.method, updates, weights, layer_shapes=self.assets.layer_shapes)
+        weights = self.weights(accepted)
+        options = {}
+        if spec.warm_start:  # the factors every client started from (a prefix of them, its rank's), as it computed them
+            options["start"] = self.state.warm.factors(max(A.shape[0] for u in updates for A, _ in u.values()),
+                                                       config.warm_split)
+        elif spec.selects_modules:
+            options = self._module_options(round_, accepted)
+        result = aggregate(config.method, updates, weights, layer_shapes=self.assets.layer_shapes, **options)
+        if (bad := _nonfinite(result.global_factors) or _nonfinite(result.residual or {})) is not None:
+            return self._unchanged(round_, bad)
         error = aggregation_error(result, updates, weights)["overall"]
         update = RoundUpdate(round=round_)
         if spec.merges:
@@ -184,7 +331,27 @@ class FederationServer:
             update.truncate = spec.truncates
             if result.residual is not None:
                 update.merge = dict(result.residual)
-        return Aggregated(update, error)
+        return Aggregated(update, error, weights=weights)
+
+    def weights(self, accepted: Sequence[ClientReply]) -> list[float]:
+        """Client weights ``p_k``: ``uniform``; or by data size, from the partitions' known sizes where the
+        server knows them, else from the claimed counts only with ``max_client_weight`` (uniform without);
+        with ``max_client_weight = c`` no weight exceeds ``c`` (:func:`~flora.lora.factors.cap_weights`)."""
+        config = self.config
+        uniform = [1.0] * len(accepted)
+        if config.weighting == "uniform" or self.unweighted_claims:
+            sizes = uniform
+        elif self.known_partitions:
+            sizes = [self.known_size(r.client) for r in accepted]
+        else:
+            sizes = [r.num_examples for r in accepted]
+        weights = normalize_weights(sizes)
+        return cap_weights(weights, config.max_client_weight) if config.max_client_weight else weights
+
+    def _unchanged(self, round_: int, layer: str, record: dict | None = None) -> Aggregated:
+        """An empty update: the aggregate of ``layer`` is not finite and never touches the global model."""
+        log.error("round %d: the aggregate of layer %r is not finite; global model unchanged", round_, layer)
+        return Aggregated(RoundUpdate(round=round_), math.nan, record or {})
 
     def apply(self, update: RoundUpdate) -> None:
         """Append ``update`` to the history and to the server's global state."""
@@ -204,11 +371,11 @@ class FederationServer:
         norms = [update_norm(r.factors) for r in accepted]
         clipped, clip_factors = clip_updates([r.factors for r in accepted], spec.clip_norm, norms)
         rank = config.dp_broadcast_rank or sum(config.client_rank(k) for k in range(config.num_clients))
-        generator = noise_generator(config.dp_noise_seed, round_)
+        noise = self.dp_random.noise(round_)
         update = RoundUpdate(round=round_)
         error_sq = clean_sq = worst_truncation = 0.0
         for name in sorted(self.assets.layer_shapes):
-            clean, noisy = noisy_layer_mean(clipped, name, self.assets.layer_shapes[name], spec, generator)
+            clean, noisy = noisy_layer_mean(clipped, name, self.assets.layer_shapes[name], spec, noise)
             merge, truncation_error = truncate_dense(noisy, rank)
             form = "dense" if isinstance(merge, torch.Tensor) else "truncated"
             update.merge[name] = merge
@@ -219,9 +386,13 @@ class FederationServer:
         record = {"dp_epsilon": privacy_spent(spec, round_, config.dp_delta), "dp_delta": config.dp_delta,
                   "dp_noise_std": spec.noise_std, "dp_participants": len(accepted),
                   "dp_clipped": sum(1 for f in clip_factors if f < 1), "dp_truncation_error": worst_truncation,
-                  "dp_update_norm_median": median(norms) if norms else math.nan}  # guides dp_clip_norm
-        log.info("round %d: DP aggregate of %d clients (%d clipped), noise std %.3g, epsilon %.3g at delta %g",
-                 round_, len(accepted), record["dp_clipped"], spec.noise_std, record["dp_epsilon"], config.dp_delta)
+                  "dp_update_norm_median": median(norms) if norms else math.nan,  # guides dp_clip_norm
+                  "dp_guarantee_void": self.dp_random.guarantee_void, "dp_random_source": self.dp_random.source}
+        # participants, clipped counts and norms are not privatised: they stay in metrics.jsonl, not in logs
+        log.info("round %d: DP aggregate, noise std %.3g, epsilon %.3g at delta %g", round_, spec.noise_std,
+                 record["dp_epsilon"], config.dp_delta)
+        if (bad := _nonfinite(update.merge)) is not None:
+            return self._unchanged(round_, bad, record)
         return Aggregated(update, math.sqrt(error_sq / clean_sq) if clean_sq > 0 else math.nan, record)
 
     def _broadcast_form(self, A: torch.Tensor, B: torch.Tensor) -> tuple[str, Merge]:
@@ -276,6 +447,37 @@ class FederationServer:
         return self.state.evaluate(self.assets.tokenizer, examples, self.state.adapter)
 
 
+def public_record(config: RunConfig, record: dict) -> dict:
+    """What of a round's metrics may leave the operator's files (Flower's metric records, logs): all of it,
+    or with differential privacy only :data:`DP_PUBLIC` (the rest is not privatised)."""
+    return {k: record[k] for k in DP_PUBLIC if k in record} if config.dp_enabled else dict(record)
+
+
+def _nonfinite(parts: Mapping[str, Merge]) -> str | None:
+    """The first layer whose tensor(s) hold NaN or Inf (None: all finite)."""
+    for name, part in parts.items():
+        if not all(bool(torch.isfinite(t).all()) for t in (part if isinstance(part, tuple) else (part,))):
+            return name
+    return None
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: a client's message cannot forge log lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _client(reply: ClientReply) -> str:
+    return "?" if reply.client == -1 else str(reply.client)
+
+
+def _numpy_name(dtype: torch.dtype) -> str | None:
+    """The numpy name of a torch dtype (None: numpy has none, e.g. bfloat16)."""
+    try:
+        return str(torch.empty(0, dtype=dtype).numpy().dtype)
+    except TypeError:
+        return None
+
+
 def rank_record(accepted: Sequence[ClientReply], shapes: Mapping[str, tuple[int, int]]) -> dict:
     """Effective ranks (mean over layers) per client, their sum (the paper's "sum of local ranks"), and
     the upload bytes saved against plain LoRA at each client's initial rank (AdaLoRA prunes)."""
@@ -297,9 +499,10 @@ def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
 
 def round_clients(config: RunConfig, num_nodes: int, round_: int) -> list[int]:
     """Indices (of ``num_nodes``) of the clients asked to train in ``round_``: a seeded sample of
-    ``sample_fraction``, or with differential privacy Poisson sampling at that rate (the accountant's model)."""
+    ``sample_fraction``, or with differential privacy Poisson sampling at that rate (the accountant's model)
+    from the DP randomness (:class:`~flora.lora.dp.DPRandom`: secret unless ``dp_noise_seed`` is set)."""
     if config.dp_enabled:
-        return poisson_sample(num_nodes, config.sample_fraction, round_, config.seed)
+        return DPRandom(config.dp_noise_seed).participants(num_nodes, config.sample_fraction, round_)
     return sample_clients(num_nodes, config.sample_fraction, min(config.min_clients, num_nodes), round_, config.seed)
 
 

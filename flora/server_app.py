@@ -11,8 +11,10 @@ from flora.runtime import Runtime
 from flora.strategy import FloraStrategy, config_from_run_config
 
 
-def run_server(grid: Grid, config: RunConfig, resume: bool = False, progress=print) -> list[dict]:
-    server, writer = start_run(config, Runtime(), resume, progress)  # the server's own assets, loaded per run
+def run_server(grid: Grid, config: RunConfig, resume: bool = False, progress=print,
+               known_partitions: bool = False) -> list[dict]:
+    # the server's own assets, loaded per run
+    server, writer = start_run(config, Runtime(), resume, progress, known_partitions=known_partitions)
     remaining = config.rounds - len(server.history)
     if remaining > 0:
         strategy = FloraStrategy(config, server, writer, progress)
@@ -20,16 +22,19 @@ def run_server(grid: Grid, config: RunConfig, resume: bool = False, progress=pri
     return server.metrics
 
 
-def make_server_app(config: RunConfig | None = None, resume: bool = False, progress=print) -> ServerApp:
+def make_server_app(config: RunConfig | None = None, resume: bool = False, progress=print,
+                    known_partitions: bool = False) -> ServerApp:
     """A ServerApp for ``config`` (simulation), or one reading Flower's run config (``flwr run``;
-    ``--run-config "resume=true"`` continues from the out dir's checkpoint)."""
+    ``--run-config "resume=true"`` continues from the out dir's checkpoint). ``known_partitions``: the
+    clients' partitions are the ones this server's config makes (:func:`flora.simulation.run_flower_simulation`);
+    a ServerApp started by ``flwr run`` cannot know what the SuperNodes hold."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = dict(context.run_config)
         resume_run = resume or str(run_config.pop("resume", "false")).lower() in ("true", "1")
-        run_server(grid, config or config_from_run_config(run_config), resume_run, progress)
+        run_server(grid, config or config_from_run_config(run_config), resume_run, progress, known_partitions)
 
     return server_app
 

@@ -6,9 +6,10 @@ import logging
 import os
 from pathlib import Path
 
+from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
-from flora.client_app import app as client_app
+from flora.client_app import app as default_client_app
 from flora.config import ConfigError, RunConfig
 from flora.server_app import make_server_app
 
@@ -25,10 +26,14 @@ def backend_config(config: RunConfig) -> dict:
             "init_args": {"num_cpus": cpus, "log_to_driver": True}}
 
 
-def run_flower_simulation(config: RunConfig, resume: bool = False, progress=print) -> None:
-    """Run ``config`` as a Flower simulation; raises ``SystemExit`` if it wrote no round."""
+def run_flower_simulation(config: RunConfig, resume: bool = False, progress=print,
+                          client_app: ClientApp = default_client_app) -> None:
+    """Run ``config`` as a Flower simulation; raises ``SystemExit`` if it wrote no round. The server made
+    the partitions, so it knows their sizes and ranks. ``client_app``: FLoRA's (the hostile one of
+    ``flora/adversary.py`` in the robustness tests)."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(server_app=make_server_app(config, resume, progress), client_app=client_app,
-                   num_supernodes=config.num_partitions, backend_config=backend_config(config))
+    server_app = make_server_app(config, resume, progress, known_partitions=True)
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_partitions,
+                   backend_config=backend_config(config))
     if not (Path(config.out_dir) / "metrics.jsonl").read_text().strip():
         raise SystemExit("flora run: the Flower simulation wrote no rounds; see the log above")

@@ -6,7 +6,8 @@ Wire format (``ArrayRecord`` key → tensor, keys of ``flora/codec.py``; ``Confi
   ``u{i}.a.{layer}.A|B`` (adapter, truncated to the node's rank where the method truncates);
   config ``flora-config`` (run config JSON), ``first-index``, ``num-updates``, ``server-round``;
 * client → server: ``{layer}.A|B`` factors; metrics ``num-examples``, ``train-loss``, ``tokens``,
-  ``seconds``, ``applied``; config ``partition-id``, ``rank``, ``error`` (empty when fine).
+  ``seconds``, ``applied``; config ``partition-id``, ``rank``, ``error`` (empty when fine). Exactly these
+  keys and records, checked before anything is materialised (``flora/wire_checks.py``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from flora.codec import factors_from_tensors, updates_to_tensors
+from flora.codec import updates_to_tensors
 from flora.config import RunConfig
 from flora.rounds import ClientReply
-from flora.runner import ResultsWriter, format_round
-from flora.server import FederationServer, round_clients
+from flora.runner import ResultsWriter, client_line, format_round
+from flora.server import FederationServer, public_record, round_clients
+from flora.wire_checks import ArrayMeta, ReplyView, decode_reply
 
 log = logging.getLogger("flora")
 
@@ -32,7 +34,11 @@ log = logging.getLogger("flora")
 # --- strategy ----------------------------------------------------------------------------------
 
 class FloraStrategy(FedAvg):
-    """FedAvg's round loop with FLoRA's sampling, catch-up payloads and aggregation."""
+    """FedAvg's round loop with FLoRA's sampling, catch-up payloads and aggregation.
+
+    Replies are decoded defensively by ``flora/wire_checks.py`` from the metadata of Flower's records
+    (:func:`reply_view`); nothing a client sends can make this ServerApp raise.
+    """
 
     def __init__(self, config: RunConfig, server: FederationServer, writer: ResultsWriter | None = None,
                  progress=print):
@@ -42,8 +48,6 @@ class FloraStrategy(FedAvg):
         self.server = server
         self.writer = writer
         self.progress = progress
-        self.node_rank: dict[str, int] = {}  # learnt from replies; used to truncate adapters
-        self.node_client: dict[str, int] = {}  # node -> partition id, learnt from replies (for logs)
         self._round_started = 0.0
         self._bytes_down = 0
         self._sent: list[Message] = []
@@ -61,7 +65,7 @@ class FloraStrategy(FedAvg):
         for node_id in chosen:
             node = str(node_id)
             first, updates = self.server.updates_for(node)
-            rank = self.node_rank.get(node)
+            rank = self.server.sent_rank(node)  # a bounded rank of an accepted reply, never a bare claim
             payload = ArrayRecord(torch_state_dict=updates_to_tensors(updates, first, rank))
             self._bytes_down += payload.count_bytes()
             meta = ConfigRecord({"flora-config": self.config.to_json(), "first-index": first,
@@ -75,38 +79,71 @@ class FloraStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round = len(self.server.history) + 1
-        parsed = []
         # An error reply made by the SuperLink (e.g. node unavailable) comes from the SuperLink's own id:
-        # map it back to the node the message was sent to.
-        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        # map every reply to the node its message was sent to.
+        destination = {m.metadata.message_id: str(m.metadata.dst_node_id) for m in self._sent}
+        by_node: dict[str, list[Message]] = {}
+        parsed = []
         for message in replies:
-            node = str(destination.get(message.metadata.reply_to_message_id, message.metadata.src_node_id))
-            if message.has_error():
-                error = message.error
-                parsed.append(ClientReply(client=self.node_client.get(node, -1), node=node, factors=None,
-                                          error=f"{error.code}: {error.reason}",
-                                          applied=self.server.node_applied.get(node, 0)))
+            node = destination.get(message.metadata.reply_to_message_id)
+            if node is None:
+                parsed.append(ClientReply(client=-1, node=str(message.metadata.src_node_id), factors=None,
+                                          rejection="reply_to_message_id: expected a message sent this round"))
                 continue
-            meta, metrics = message.content["config"], message.content["metrics"]
-            client, error = int(meta["partition-id"]), str(meta["error"]) or None
-            self.node_rank[node] = int(meta["rank"])
-            self.node_client[node] = client
-            factors = None if error else factors_from_tensors(message.content["arrays"].to_torch_state_dict())
-            parsed.append(ClientReply(client=client, node=node, factors=factors,
-                                      num_examples=int(metrics["num-examples"]),
-                                      train_loss=float(metrics["train-loss"]), tokens=int(metrics["tokens"]),
-                                      seconds=float(metrics["seconds"]), error=error, applied=int(metrics["applied"]),
-                                      rank=int(meta["rank"])))
-            if not error:
-                self.progress(f"  round {server_round} client {client} (rank {meta['rank']}): train loss "
-                              f"{parsed[-1].train_loss:.4f}, {parsed[-1].tokens / max(parsed[-1].seconds, 1e-9):.0f} tok/s")
+            by_node.setdefault(node, []).append(message)
+        for node, messages in by_node.items():
+            if len(messages) > 1:
+                parsed.append(ClientReply(client=-1, node=node, factors=None,
+                                          rejection=f"replies = {len(messages)}: expected one reply per message"))
+            else:
+                parsed.append(self._decode(node, messages[0]))
+        for node in sorted(set(destination.values()) - set(by_node)):  # nodes that never answered
+            parsed.append(self._failed(node, f"no reply within round_timeout = {self.config.round_timeout:g} s"))
+        if not self.config.dp_enabled:  # with DP a client's loss is an unprivatised statistic
+            for reply in parsed:
+                if reply.rejection is None and reply.error is None:
+                    self.progress(client_line(server_round, reply))
         record = self.server.aggregate_round(server_round, parsed, self._bytes_down, self._round_started)
-        record["clients_failed"] += max(len(self._sent) - len(parsed), 0)  # nodes that never answered
         if self.writer is not None:
             self.writer.round_done(self.server)
-        self.progress(format_round(record))
-        numbers = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and v == v}
+        public = public_record(self.config, record)
+        self.progress(format_round(public))
+        numbers = {k: float(v) for k, v in public.items() if isinstance(v, (int, float)) and v == v}
         return ArrayRecord(), MetricRecord(numbers)
+
+    def _decode(self, node: str, message: Message) -> ClientReply:
+        if message.has_error():
+            error = message.error
+            return self._failed(node, f"{error.code}: {error.reason}"[:300])
+        try:
+            return decode_reply(reply_view(message), node, self.server.rules_for(node))
+        except Exception as exc:  # noqa: BLE001 -- the last line of defence: no reply may end the run
+            log.exception("round %d: node %s: decoding its reply failed", len(self.server.history) + 1, node)
+            return ClientReply(client=-1, node=node, factors=None,
+                               rejection=f"undecodable reply ({type(exc).__name__}: {str(exc)[:200]})")
+
+    def _failed(self, node: str, error: str) -> ClientReply:
+        """A failure Flower reported for ``node`` (no client content: its partition as the server knows it)."""
+        return ClientReply(client=self.server.node_partition.get(node, -1), node=node, factors=None, error=error,
+                           applied=self.server.node_applied.get(node, 0))
+
+
+def reply_view(message: Message) -> ReplyView:
+    """What :func:`~flora.wire_checks.decode_reply` needs of a reply, nothing materialised: record kinds,
+    config and metrics scalars, and each array's metadata with a reference to its bytes."""
+    content = message.content
+    records = {name: type(record).__name__ for name, record in content.items()}
+
+    def scalars(name: str, kind: str) -> dict:
+        return dict(content[name]) if records.get(name) == kind else {}
+
+    arrays = {}
+    if records.get("arrays") == "ArrayRecord":
+        for key, array in content["arrays"].items():
+            arrays[key] = ArrayMeta(dtype=getattr(array, "dtype", None), shape=getattr(array, "shape", None),
+                                    stype=getattr(array, "stype", None), data=getattr(array, "data", None))
+    return ReplyView(records=records, config=scalars("config", "ConfigRecord"),
+                     metrics=scalars("metrics", "MetricRecord"), arrays=arrays)
 
 
 def config_from_run_config(run_config: dict) -> RunConfig:

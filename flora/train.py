@@ -64,10 +64,11 @@ class ClientResult:
 
 
 def attach_adapter(model: torch.nn.Module, lora: LoraSpec, init_seed: int,
-                   init_factors: Mapping[str, Factors] | None = None, total_steps: int = 1):
+                   init_factors: Mapping[str, Factors] | None = None, total_steps: int = 1, fill_fresh: bool = False):
     """Wrap ``model`` with a fresh adapter (A seeded by ``init_seed``, B zero), or one initialised from
     ``init_factors`` (scaling folded into B, as the server sends them). ``total_steps``: the optimizer
-    steps of the round (AdaLoRA's budget schedule)."""
+    steps of the round (AdaLoRA's budget schedule). ``fill_fresh``: ``init_factors`` may cover only the first
+    ranks of a layer, or leave a layer out; the rest keeps the fresh initialisation (warm starts)."""
     kind = lora.kind
     if init_factors is not None and not kind.accepts_init_factors:
         raise ValueError(f"{kind.name} clients start a fresh adapter every round (a method whose clients restart, "
@@ -75,7 +76,7 @@ def attach_adapter(model: torch.nn.Module, lora: LoraSpec, init_seed: int,
     torch.manual_seed(init_seed)
     peft_model = get_peft_model(model, kind.peft_config(lora, total_steps))
     if init_factors is not None:
-        set_adapter_factors(peft_model, init_factors)
+        set_adapter_factors(peft_model, init_factors, fill_fresh=fill_fresh)
     if lora.freeze_a:
         for name, param in peft_model.named_parameters():
             if "lora_A" in name:
@@ -98,20 +99,25 @@ def on_host(factors: Mapping[str, Factors]) -> dict[str, Factors]:
     return {name: (A.to("cpu", torch.float32), B.to("cpu", torch.float32)) for name, (A, B) in factors.items()}
 
 
-def set_adapter_factors(peft_model, factors: Mapping[str, Factors]) -> None:
-    """Load ``(A, scaling · B)`` factors into the adapter (un-folding the scaling)."""
+def set_adapter_factors(peft_model, factors: Mapping[str, Factors], fill_fresh: bool = False) -> None:
+    """Load ``(A, scaling · B)`` factors into the adapter (un-folding the scaling). ``fill_fresh``: factors of
+    ``q`` ranks replace the adapter's first ``q`` ranks and a layer left out is left alone (the rest keeps its
+    fresh initialisation); otherwise every layer needs factors of exactly the adapter's shapes."""
     seen = set()
     with torch.no_grad():
         for name, module in lora_layers(peft_model):
             if name not in factors:
+                if fill_fresh:
+                    continue
                 raise KeyError(f"init factors: no entry for layer {name!r}")
             A, B = factors[name]
             lora_A, lora_B = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
-            if A.shape != lora_A.shape or B.shape != lora_B.shape:
+            q = A.shape[0] if fill_fresh else lora_A.shape[0]
+            if A.shape != lora_A[:q].shape or B.shape != lora_B[:, :q].shape:
                 raise ValueError(f"init factors for {name!r}: A{tuple(A.shape)} B{tuple(B.shape)} do not fit the "
                                  f"adapter A{tuple(lora_A.shape)} B{tuple(lora_B.shape)}")
-            lora_A.copy_(A)
-            lora_B.copy_(B / module.scaling[ADAPTER])
+            lora_A[:q] = A
+            lora_B[:, :q] = B / module.scaling[ADAPTER]
             seen.add(name)
     extra = set(factors) - seen
     if extra:
@@ -156,11 +162,12 @@ def batch_schedule(num_examples: int, steps: int, batch_size: int, seed: int) ->
 
 def train_client(model: torch.nn.Module, tokenizer, examples: Sequence[Example], lora: LoraSpec, train: TrainSpec,
                  init_seed: int | None = None, init_factors: Mapping[str, Factors] | None = None,
-                 progress=None) -> ClientResult:
+                 progress=None, fill_fresh: bool = False) -> ClientResult:
     """Train one client's adapter on ``examples`` and return its factors; the base model is unchanged.
 
     ``init_seed`` seeds the adapter's A (FFA-LoRA passes the same one to every client); default
-    ``train.seed``. ``progress(step, loss)`` is called after every optimizer step.
+    ``train.seed``. ``fill_fresh``: see :func:`attach_adapter`. ``progress(step, loss)`` is called after
+    every optimizer step. The optimizer (AdamW) starts without state: every round, for every method.
     """
     if not examples:
         raise ValueError("train_client: the client has no training examples")
@@ -169,7 +176,7 @@ def train_client(model: torch.nn.Module, tokenizer, examples: Sequence[Example],
     if train.gradient_checkpointing:
         set_checkpointing(model, True)
     peft_model = attach_adapter(model, lora, init_seed=train.seed if init_seed is None else init_seed,
-                                init_factors=init_factors, total_steps=train.steps)
+                                init_factors=init_factors, total_steps=train.steps, fill_fresh=fill_fresh)
     try:
         torch.manual_seed(train.seed)  # LoRA dropout
         params = [p for p in peft_model.parameters() if p.requires_grad]

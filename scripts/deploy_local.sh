@@ -4,7 +4,7 @@
 #
 #   scripts/deploy_local.sh --config configs/quickstart.toml --ranks 16,8,4,4 [--work DIR] [--netns]
 #                           [--rounds N] [--out-dir DIR] [--resume] [--tls [--certs DIR]] [--auth]
-#                           [--unregistered N]
+#                           [--unregistered N] [--plaintext N]
 #
 # --ranks     one LoRA rank per SuperNode (their number is the number of SuperNodes); default: the
 #             config's num_clients nodes at the config's ranks
@@ -19,7 +19,11 @@
 #             SuperLink refuses nodes whose key is not registered
 # --unregistered N   also start N SuperNodes whose keys were never registered (with --auth they are
 #             refused and take no part: the authentication at work)
+# --plaintext N      also start N SuperNodes without TLS (--insecure); with --tls the SuperLink refuses
+#             them and they take no part
 # Logs: WORK/logs/{superlink,supernode-K}.log; pids: WORK/pids/*.pid (tests kill nodes through them).
+# On exit it stops only the processes this invocation started (pid files left in a reused --work dir by an
+# earlier invocation are deleted unread: their pids may belong to anything by now).
 # Offline: runtime dependency installation is disabled on the SuperLink and by the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +31,7 @@ REPO="$(pwd)"
 PY="${FLORA_PYTHON:-$REPO/.venv/bin/python}"
 BIN="$(dirname "$PY")"
 
-CONFIG="" RANKS="" WORK="" NETNS=0 ROUNDS="" OUT_DIR="" RESUME=false TLS=0 CERTS="" AUTH=0 UNREGISTERED=0
+CONFIG="" RANKS="" WORK="" NETNS=0 ROUNDS="" OUT_DIR="" RESUME=false TLS=0 CERTS="" AUTH=0 UNREGISTERED=0 PLAINTEXT=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --config) CONFIG="$2"; shift 2 ;;
@@ -41,7 +45,8 @@ while [[ $# -gt 0 ]]; do
     --certs) CERTS="$2"; TLS=1; shift 2 ;;
     --auth) AUTH=1; TLS=1; shift ;;
     --unregistered) UNREGISTERED="$2"; shift 2 ;;
-    -h|--help) sed -n 2,26p "$0"; exit 0 ;;
+    --plaintext) PLAINTEXT="$2"; shift 2 ;;
+    -h|--help) sed -n 2,31p "$0"; exit 0 ;;
     *) echo "deploy_local.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -50,6 +55,8 @@ CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
 WORK="${WORK:-$(mktemp -d -t flora-deploy.XXXXXX)}"
 mkdir -p "$WORK/logs" "$WORK/pids" "$WORK/flwr-home"
 WORK="$(cd "$WORK" && pwd)"
+rm -f "$WORK"/pids/*.pid  # an earlier invocation's: never read, never killed
+STARTED=()  # pids of the processes this invocation started (the only ones it stops)
 
 if [[ -z "$RANKS" ]]; then  # the config's own client count and ranks
   RANKS="$("$PY" -c "import sys; from flora.config import load_config; c = load_config(sys.argv[1]); \
@@ -65,16 +72,30 @@ BASE_PORT="${FLORA_BASE_PORT:-19090}"
 LINK_PORT=$BASE_PORT  # Flower 1.42: one HTTP API for SuperNodes, the CLI and the ServerApp
 LINK_HOST=127.0.0.1
 
+started() {  # started NAME: remember the last background job's pid (and write it for the tests)
+  STARTED+=("$!")
+  echo "$!" > "$WORK/pids/$1.pid"
+}
+
+ours() {  # ours PID: PID is still a child of this script (not exited, not reused by another process)
+  local stat rest
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  rest="${stat##*) }"  # after "pid (comm) ": state ppid ...
+  set -- $rest
+  [[ "${2:-}" == "$$" ]]
+}
+
 stop_all() {
-  for pidfile in "$WORK"/pids/*.pid; do
-    [[ -f "$pidfile" ]] && kill "$(cat "$pidfile")" 2>/dev/null || true
+  local pid
+  for pid in "${STARTED[@]+"${STARTED[@]}"}"; do
+    if ours "$pid"; then kill "$pid" 2>/dev/null || true; fi
   done
   sleep 1
-  for pidfile in "$WORK"/pids/*.pid; do
-    [[ -f "$pidfile" ]] && kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+  for pid in "${STARTED[@]+"${STARTED[@]}"}"; do
+    if ours "$pid"; then kill -9 "$pid" 2>/dev/null || true; fi
   done
   if [[ $NETNS == 1 ]]; then
-    for k in $(seq 0 $((NODES + UNREGISTERED - 1))); do ip netns del "flora-node$k" 2>/dev/null || true; done
+    for k in $(seq 0 $((NODES + UNREGISTERED + PLAINTEXT - 1))); do ip netns del "flora-node$k" 2>/dev/null || true; done
     ip link del flora-br0 2>/dev/null || true
   fi
 }
@@ -125,13 +146,14 @@ SECURITY_NOTE="insecure"
 echo "[deploy] SuperLink on $LINK_HOST:$LINK_PORT ($SECURITY_NOTE); $NODES SuperNodes, ranks $RANKS; work dir $WORK"
 flower-superlink "${LINK_SECURITY[@]}" --disable-runtime-dependency-installation --host "$LINK_HOST" \
   --port "$LINK_PORT" --database "$WORK/state.db" > "$WORK/logs/superlink.log" 2>&1 &
-echo $! > "$WORK/pids/superlink.pid"
+started superlink
+
+for _ in $(seq 1 90); do  # until the SuperLink answers (it takes a while on a busy machine)
+  flwr supernode list flora-deploy > /dev/null 2>&1 && break
+  sleep 1
+done
 
 if [[ $AUTH == 1 ]]; then  # register every SuperNode's public key before the node starts
-  for _ in $(seq 1 60); do  # until the SuperLink answers
-    flwr supernode list flora-deploy > /dev/null 2>&1 && break
-    sleep 1
-  done
   for k in $(seq 0 $((NODES - 1))); do
     "$PY" -m flora.deploy_keys node "$WORK/keys" "supernode-$k" > /dev/null
     flwr supernode register "$WORK/keys/supernode-$k.pub" flora-deploy > "$WORK/logs/register-$k.log" 2>&1 \
@@ -143,7 +165,9 @@ fi
 start_node() {  # start_node INDEX NODE_CONFIG NAME [extra flower-supernode arguments]
   local k=$1 node_config=$2 name=$3
   shift 3
-  local cmd=(flower-supernode "${NODE_SECURITY[@]}" --superlink "$LINK_HOST:$LINK_PORT" --port $((BASE_PORT + 10 + k))
+  local security=("${NODE_SECURITY[@]}")
+  [[ $name == plaintext-* ]] && security=(--insecure)
+  local cmd=(flower-supernode "${security[@]}" --superlink "$LINK_HOST:$LINK_PORT" --port $((BASE_PORT + 10 + k))
              --node-config "$node_config" "$@")
   if [[ $NETNS == 1 ]]; then
     ns="flora-node$k"
@@ -155,7 +179,7 @@ start_node() {  # start_node INDEX NODE_CONFIG NAME [extra flower-supernode argu
     cmd=(ip netns exec "$ns" env "PATH=$PATH" "${cmd[@]}")
   fi
   "${cmd[@]}" > "$WORK/logs/$name.log" 2>&1 &
-  echo $! > "$WORK/pids/$name.pid"
+  started "$name"
   echo "[deploy] $name: $node_config (pid $!)"
 }
 
@@ -172,6 +196,10 @@ for j in $(seq 1 "$UNREGISTERED"); do  # node 0's partition: were it let in, it 
     key=(--auth-supernode-private-key "$WORK/keys-unregistered/rogue-$j")
   fi
   start_node "$k" "partition-id=0 num-partitions=$NODES lora-rank=${RANK_LIST[0]}" "unregistered-$j" "${key[@]}"
+done
+for j in $(seq 1 "$PLAINTEXT"); do  # node 0's partition, no TLS: were it let in, it would take part
+  k=$((NODES + UNREGISTERED + j - 1))
+  start_node "$k" "partition-id=0 num-partitions=$NODES lora-rank=${RANK_LIST[0]}" "plaintext-$j"
 done
 
 run_config="config-file='$CONFIG' resume=$RESUME"

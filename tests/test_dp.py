@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from flora.config import ConfigError
-from flora.lora.dp import (DPSpec, clip_updates, noise_generator, noisy_layer_mean, poisson_sample, privacy_spent,
-                           truncate_dense)
+from flora.lora.dp import (KEY_BYTES, ChaChaStream, DPRandom, DPSpec, SeededStream, clip_updates, noisy_layer_mean,
+                           privacy_spent, truncate_dense)
 from flora.lora.robust import update_norm
 from flora.engines import run_in_process
 from test_federation import tiny_config
@@ -36,7 +36,7 @@ def test_noiseless_mean_is_the_clipped_sum_over_expected_participants():
     updates = [_update(k, SHAPES, r) for k, r in enumerate((3, 2, 1))]
     spec = DPSpec(noise_multiplier=0.5, clip_norm=1e6, sample_rate=0.5, num_clients=6)
     clipped, _ = clip_updates(updates, spec.clip_norm)
-    clean, noisy = noisy_layer_mean(clipped, "a", SHAPES["a"], spec, torch.Generator().manual_seed(0))
+    clean, noisy = noisy_layer_mean(clipped, "a", SHAPES["a"], spec, SeededStream(0))
     reference = sum(B @ A for A, B in (u["a"] for u in updates)) / 3.0  # q N = 3
     torch.testing.assert_close(clean, reference, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(noisy, clean)
@@ -45,16 +45,43 @@ def test_noiseless_mean_is_the_clipped_sum_over_expected_participants():
 def test_noise_has_the_promised_standard_deviation():
     spec = DPSpec(noise_multiplier=1.3, clip_norm=0.7, sample_rate=0.25, num_clients=8)  # std = 1.3·0.7/2
     zero = {"w": (torch.zeros(1, 400), torch.zeros(500, 1))}
-    clean, noisy = noisy_layer_mean([zero], "w", (500, 400), spec, torch.Generator().manual_seed(1))
-    assert torch.count_nonzero(clean) == 0
-    assert float(noisy.std()) == pytest.approx(spec.noise_std, rel=0.01) and spec.noise_std == pytest.approx(0.455)
-    assert abs(float(noisy.mean())) < 0.01
+    for source in (SeededStream(1), ChaChaStream()):
+        clean, noisy = noisy_layer_mean([zero], "w", (500, 400), spec, source)
+        assert torch.count_nonzero(clean) == 0
+        assert float(noisy.std()) == pytest.approx(spec.noise_std, rel=0.01) and spec.noise_std == pytest.approx(0.455)
+        assert abs(float(noisy.mean())) < 0.01
 
 
 def test_noise_seed_reproducible_and_default_not():
-    draw = lambda seed: torch.randn(5, generator=noise_generator(seed, round_=3))  # noqa: E731
+    draw = lambda seed: DPRandom(seed).noise(round_=3).normal((5,))  # noqa: E731
     assert torch.equal(draw(7), draw(7)) and not torch.equal(draw(7), draw(8))
     assert not torch.equal(draw(-1), draw(-1))  # OS randomness
+    assert DPRandom(7).guarantee_void and not DPRandom(-1).guarantee_void
+
+
+def test_secure_randomness_has_256_bit_keys_and_nothing_public_reproduces_it(monkeypatch):
+    """Default DP randomness: a fresh key of >= 128 bits (here 256) from the OS per round and purpose;
+    seeding torch, numpy or Python's random (what a config seed drives) changes nothing."""
+    import random
+    import secrets
+
+    import numpy as np
+
+    requested = []
+    real = secrets.token_bytes
+    monkeypatch.setattr(secrets, "token_bytes", lambda n: (requested.append(n), real(n))[1])
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0), np.random.seed(0), random.seed(0)
+        source = DPRandom(-1)
+        draws.append((source.participants(64, 0.5, round_=1), source.noise(round_=1).normal((4, 4))))
+    assert requested and all(8 * n >= 128 for n in requested) and KEY_BYTES * 8 == 256
+    assert draws[0][0] != draws[1][0] and not torch.equal(draws[0][1], draws[1][1])
+    # the Gaussians and uniforms are right: moments and a Kolmogorov-Smirnov distance
+    z = ChaChaStream().normal((200_000,)).double()
+    assert abs(float(z.mean())) < 0.01 and float(z.std()) == pytest.approx(1.0, rel=0.01)
+    u = np.sort(ChaChaStream().uniform(100_000))
+    assert u.min() > 0 and u.max() <= 1 and np.abs(u - np.arange(1, u.size + 1) / u.size).max() < 0.01
 
 
 def test_truncation_is_exact_on_low_rank_and_dense_when_cheaper():
@@ -70,11 +97,14 @@ def test_truncation_is_exact_on_low_rank_and_dense_when_cheaper():
     assert isinstance(dense, torch.Tensor) and error == 0.0
 
 
-def test_poisson_sampling_is_seeded_and_at_the_rate():
-    assert poisson_sample(10, 1.0, 1, 0) == list(range(10))
-    assert poisson_sample(10, 0.3, 4, 2) == poisson_sample(10, 0.3, 4, 2)
-    counts = [len(poisson_sample(50, 0.3, r, 0)) for r in range(200)]
+@pytest.mark.parametrize("seed", [-1, 2])
+def test_poisson_sampling_is_at_the_rate(seed):
+    source = DPRandom(seed)
+    assert source.participants(10, 1.0, 1) == list(range(10))
+    counts = [len(source.participants(50, 0.3, r)) for r in range(200)]
     assert sum(counts) / len(counts) == pytest.approx(15, rel=0.05)
+    if seed >= 0:
+        assert source.participants(10, 0.3, 4) == DPRandom(seed).participants(10, 0.3, 4)
 
 
 def _classic_rdp_epsilon(sigma: float, rounds: int, delta: float) -> float:
@@ -132,12 +162,55 @@ def test_private_run_reports_epsilon_and_is_reproducible_with_a_seed(assets_dir,
     assert all(m["dp_clipped"] == 3 for m in first)  # a tight bound clips every client
 
 
+EMPTY_ROUND_SEED = 3  # dp_noise_seed whose Poisson sample (3 clients, q = 0.3) leaves round 4 empty
+
+
 def test_private_run_with_poisson_sampling_survives_empty_rounds(assets_dir, tmp_path):
-    metrics = _run(assets_dir, tmp_path, "poisson", dp_noise_multiplier=1.0, dp_clip_norm=0.1, dp_noise_seed=0,
-                   sample_fraction=0.3, rounds=4, seed=1)
+    expected = [len(DPRandom(EMPTY_ROUND_SEED).participants(3, 0.3, r)) for r in range(1, 5)]
+    assert 0 in expected and any(expected)  # the seed gives an empty round and a non-empty one
+    metrics = _run(assets_dir, tmp_path, "poisson", dp_noise_multiplier=1.0, dp_clip_norm=0.1,
+                   dp_noise_seed=EMPTY_ROUND_SEED, sample_fraction=0.3, rounds=4, seed=1)
     participants = [m["dp_participants"] for m in metrics]
-    assert len(metrics) == 4 and all(math.isfinite(m["test_loss"]) for m in metrics)
-    assert participants == [len(poisson_sample(3, 0.3, r, 1)) for r in range(1, 5)]
+    assert participants == expected and len(metrics) == 4
+    empty = participants.index(0)
+    assert metrics[empty]["clients_ok"] == 0 and metrics[empty]["broadcast_forms"]  # noise alone still goes out
+    assert all(math.isfinite(m["test_loss"]) for m in metrics) and all(m["dp_guarantee_void"] for m in metrics)
+
+
+def test_private_run_hands_only_privatised_numbers_to_flower_and_logs(assets_dir, tmp_path, caplog):
+    """With DP, progress lines and Flower's metric record carry the test loss and the privacy spent only;
+    participants, clipped counts, norms and losses of clients stay in the operator's metrics.jsonl."""
+    from flora.server import DP_PUBLIC, public_record
+
+    lines = []
+    config = tiny_config(assets_dir, tmp_path, out_dir=str(tmp_path / "dp"), weighting="uniform", rounds=1,
+                         dp_noise_multiplier=1.0, dp_clip_norm=0.1)
+    metrics = run_in_process(config, progress=lines.append).metrics
+    assert metrics[0]["dp_participants"] == 3 and not metrics[0]["dp_guarantee_void"]  # the operator's file has all
+    public = public_record(config, metrics[0])
+    assert set(public) <= set(DP_PUBLIC) and "train_loss" not in public and "dp_participants" not in public
+    shown = "\n".join(lines[1:]) + caplog.text  # after the header line: what a round prints and logs
+    assert "train loss" not in shown and "clients" not in shown and "epsilon" in shown
+    assert "OS CSPRNG" in metrics[0]["dp_random_source"]
+
+
+def test_private_round_gives_flower_only_privatised_metrics(assets_dir, tmp_path, runtime):
+    """The Flower strategy's metric record (Flower logs it and keeps it in its history) with DP on."""
+    from flora.runner import server_for
+    from flora.server import DP_PUBLIC
+    from flora.strategy import FloraStrategy
+    from test_adversarial import answer, strategy_messages
+
+    config = tiny_config(assets_dir, tmp_path, num_clients=4, ranks=[2], weighting="uniform", dp_noise_multiplier=1.0,
+                         dp_clip_norm=0.1, eval_examples=4, client_eval_examples=4)
+    server = server_for(config, runtime)
+    lines = []
+    flower = FloraStrategy(config, server, progress=lines.append)
+    sent = strategy_messages(flower, 1)
+    _, metrics = flower.aggregate_train(1, [answer(server, m, k) for k, m in enumerate(sent)])
+    assert set(metrics) <= set(DP_PUBLIC) and {"dp_epsilon", "test_loss"} <= set(metrics)
+    assert server.metrics[-1]["dp_participants"] == len(sent)  # the operator's record still has it
+    assert len(lines) == 1 and "epsilon" in lines[0] and "train loss" not in lines[0]
 
 
 @pytest.mark.parametrize("overrides, message", [

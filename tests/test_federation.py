@@ -26,7 +26,8 @@ def tiny_config(assets_dir, tmp_path, **overrides) -> RunConfig:
 
 @pytest.mark.parametrize("method, ranks", [
     ("flora", [4, 2, 1]), ("zeropad", [4, 2, 1]), ("flexlora", [4, 2, 1]), ("fedit", [2]), ("ffa", [2]),
-    ("fedex", [2]), ("standalone", [4, 2, 1]), ("centralized", [4, 2, 1]),
+    ("fedex", [2]), ("standalone", [4, 2, 1]), ("centralized", [4, 2, 1]), ("flora-warm", [4, 2, 1]),
+    ("raflora", [4, 2, 1]), ("florana", [2]), ("fedplora", [4, 2, 1]),
 ])
 def test_every_method_runs_and_writes_metrics(assets_dir, tmp_path, method, ranks):
     config = tiny_config(assets_dir, tmp_path, method=method, ranks=ranks)
@@ -37,11 +38,53 @@ def test_every_method_runs_and_writes_metrics(assets_dir, tmp_path, method, rank
                 "clients_ok", "clients_failed", "seconds"):
         assert key in lines[0]
     assert all(math.isfinite(m["test_loss"]) for m in metrics)
-    if method in ("flora", "fedex", "ffa", "flexlora", "centralized"):
+    if method in ("flora", "fedex", "ffa", "flexlora", "centralized", "flora-warm"):
         assert metrics[-1]["aggregation_error"] < 1e-4
-    if method in ("fedit", "zeropad"):
+    if method in ("fedit", "zeropad", "raflora", "florana", "fedplora"):
         assert metrics[-1]["aggregation_error"] > 1e-3
     assert (tmp_path / "out" / "config.toml").is_file() and (tmp_path / "out" / "partition.json").is_file()
+
+
+def test_fedplora_with_equal_ranks_runs_as_fedit(assets_dir, tmp_path):
+    """Every client draws all R modules, folds nothing and starts at the global adapter (round 1: FedIT's shared
+    initialisation); the server's per-module average is FedIT's: the same run, round for round."""
+    fedit = run_in_process(tiny_config(assets_dir, tmp_path / "fedit", method="fedit", ranks=[2]),
+                           progress=lambda _: None).metrics
+    plora = run_in_process(tiny_config(assets_dir, tmp_path / "plora", method="fedplora", ranks=[2]),
+                           progress=lambda _: None).metrics
+    for ours, theirs in zip(plora, fedit):
+        for key in ("test_loss", "train_loss", "aggregation_error"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key
+        assert ours["bytes_up"] == theirs["bytes_up"] and ours["bytes_down"] == theirs["bytes_down"]
+
+
+def test_fedplora_client_starts_at_the_global_model_trains_its_drawn_modules_and_restores_its_base(
+        assets_dir, tmp_path, runtime):
+    from flora.client import global_rank, module_draw
+
+    config = tiny_config(assets_dir, tmp_path, method="fedplora", ranks=[4, 2, 1], rounds=1)
+    server = run_in_process(config, runtime=runtime, progress=lambda _: None)
+    assert global_rank(config) == 4
+    client = FederationClient(config, runtime)
+    client.state.apply(server.history, 0)
+    adapter = client.state.adapter
+    assert all(A.shape[0] == 4 for A, _ in adapter.values())
+    draws = {k: module_draw(config, 2, k, config.client_rank(k)) for k in range(3)}
+    assert [len(d) for d in draws.values()] == [4, 2, 1] and draws[0] == [0, 1, 2, 3]
+    assert module_draw(config, 2, 1, 2) == draws[1]  # seeded: the server draws the same modules
+    assert len({tuple(module_draw(config, r, 1, 2)) for r in range(1, 9)}) > 1  # and a new draw each round
+    for k in (1, 2):
+        init, fold = client.start(k, config.client_rank(k), 2)
+        for name, (A, B) in adapter.items():  # folded + trained modules = the global adapter: no init noise
+            torch.testing.assert_close(fold[name] + init[name][1] @ init[name][0], B @ A)
+            torch.testing.assert_close(init[name][0], A[draws[k]])
+    before = {n: p.detach().clone() for n, p in client.state.model.state_dict().items()}
+    first, updates = server.updates_for("node-new")
+    reply = client.train(1, "node-x", 2, first + len(updates), [])
+    assert reply.error is None and all(A.shape[0] == 2 for A, _ in reply.factors.values())
+    assert all(torch.equal(before[n], p) for n, p in client.state.model.state_dict().items())  # fold undone exactly
+    too_big = client.train(1, "node-x", 2, first + len(updates), [], rank=5)
+    assert too_big.factors is None and "global adapter's rank 4" in too_big.error
 
 
 def test_flora_lowers_test_loss(assets_dir, tmp_path):
@@ -106,7 +149,7 @@ def test_rejected_update_is_logged_and_round_goes_on(assets_dir, tmp_path, caplo
     replies[1].factors[name][1][0, 0] = float("nan")
     record = server.aggregate_round(1, replies, 0, 0.0)
     assert record["clients_ok"] == 2 and record["clients_rejected"] == 1
-    assert f"client 1, layer '{name}': non-finite" in caplog.text
+    assert f"rejected update: client 1 (node node-1): layer '{name}': non-finite" in caplog.text
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -181,7 +224,8 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method, ranks", [("flora", [4, 2, 1]), ("zeropad", [4, 2, 1]), ("fedex", [2]),
-                                           ("standalone", [4, 2, 1])])
+                                           ("standalone", [4, 2, 1]), ("flora-warm", [4, 2, 1]),
+                                           ("fedplora", [4, 2, 1])])
 def test_resume_equals_uninterrupted_run(assets_dir, tmp_path, method, ranks):
     config = tiny_config(assets_dir, tmp_path / "full", method=method, ranks=ranks, rounds=3)
     uninterrupted = run_in_process(config, progress=lambda _: None)
@@ -300,7 +344,7 @@ def test_outlier_update_is_rejected_and_model_stays_near_honest_run(assets_dir, 
     honest = final_delta(3.5, malicious=False)
     defended = final_delta(3.5, malicious=True)
     undefended = final_delta(0.0, malicious=True)
-    assert "client 1: norm" in caplog.text and "is an outlier" in caplog.text
+    assert "client 1 (node node-1): norm" in caplog.text and "is an outlier" in caplog.text
 
     def distance(a, b):
         return sum(float((a[k] - b[k]).norm()) ** 2 for k in a) ** 0.5

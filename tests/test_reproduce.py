@@ -12,7 +12,7 @@ reproduce = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(reproduce)
 
 
-@pytest.mark.parametrize("profile, count", [("quick", 12), ("full", 23)])
+@pytest.mark.parametrize("profile, count", [("quick", 15), ("full", 32)])
 def test_plan_has_every_method_setting_and_extra(profile, count, tmp_path):
     runs = reproduce.plan(profile, tmp_path)
     names = [name for name, _, _ in runs]
@@ -54,3 +54,21 @@ def test_paired_differences_match_by_seed_and_ignore_other_variants():
     assert diff["mean"] == pytest.approx(-0.125)
     assert diff["std"] == pytest.approx(0.375 * 2 ** 0.5)  # sample std of -0.5 and 0.25
     assert reproduce.paired_differences(rows, "heterogeneous", ("flora", "zeropad")) is None
+
+
+def test_key_comparisons_pair_flora_with_each_key_run_and_each_with_the_best_new_peer():
+    def row(loss):
+        return {"final_test_loss": loss}
+
+    rows = {f"heterogeneous-{m}-s{s}": row(loss + s) for m, loss in
+            (("flora", 2.0), ("zeropad", 2.3), ("raflora", 2.1), ("fedplora", 2.05)) for s in (0, 1)}
+    rows["heterogeneous-fedplora-s2"] = row(0.0)  # raflora has no seed 2: not part of the best-of comparison
+    assert reproduce.best_new_method(rows, "heterogeneous") == "fedplora"
+    assert reproduce.best_new_method(rows, "homogeneous") is None
+    assert reproduce.key_comparisons(rows) == [
+        ("homogeneous", ("flora", "fedit")), ("homogeneous", ("flora", "florana")),
+        ("heterogeneous", ("flora", "zeropad")), ("heterogeneous", ("flora", "raflora")),
+        ("heterogeneous", ("flora", "fedplora")), ("heterogeneous", ("zeropad", "fedplora")),
+        ("heterogeneous", ("raflora", "fedplora"))]
+    diff = reproduce.paired_differences(rows, "heterogeneous", ("raflora", "fedplora"))
+    assert diff["per_seed"] == {0: pytest.approx(0.05), 1: pytest.approx(0.05)}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "flora"
 # The Flower skin: the only modules that may import flwr.
-SKIN = {"flora.strategy", "flora.server_app", "flora.client_app", "flora.simulation"}
+SKIN = {"flora.strategy", "flora.server_app", "flora.client_app", "flora.simulation", "flora.adversary"}
 
 
 def _module_name(path: Path) -> str:
@@ -92,7 +92,8 @@ def test_no_method_name_checks_outside_the_registry():
 # must be part of the asset cache key, so a new field cannot silently reuse stale assets.
 NOT_ASSET_FIELDS = {
     "cutoff", "method", "num_clients", "ranks", "rounds", "sample_fraction", "min_clients", "weighting",
-    "max_update_norm", "clip_update_norm", "outlier_mad", "broadcast", "round_timeout", "dp_noise_multiplier",
+    "max_update_norm", "clip_update_norm", "outlier_mad", "broadcast", "round_timeout", "warm_source", "warm_split",
+    "dp_noise_multiplier",
     "dp_clip_norm", "dp_delta", "dp_broadcast_rank", "dp_noise_seed", "adapters", "adalora_target_ratio",
     "adalora_warmup", "adalora_final", "alpha_per_rank", "dropout", "targets", "local_steps", "batch_size",
     "micro_batch_size", "lr", "eval_examples", "client_eval_examples", "threads", "out_dir",

@@ -120,3 +120,31 @@ def test_real_model_and_data_train_and_loss_goes_down():
     merge_update(loaded.model, {n: B @ A for n, (A, B) in result.factors.items()})
     after = evaluate_loss(loaded.model, loaded.tokenizer, train_set)
     assert after < before - 0.1, (before, after)
+
+
+def test_global_state_evaluate_restores_weights_when_merging_fails_half_way(tiny_model, tiny_tokenizer, examples):
+    from flora.rounds import GlobalState
+
+    state = GlobalState(tiny_model)
+    shapes = layer_shapes(tiny_model, LORA.targets)
+    names = sorted(shapes)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    good = {name: (torch.randn(2, shapes[name][1]), torch.randn(shapes[name][0], 2)) for name in names[:3]}
+    bad = {names[3]: (torch.randn(2, shapes[names[3]][1] + 1), torch.randn(shapes[names[3]][0], 2))}
+    with pytest.raises(ValueError, match="merge: update for"):
+        state.evaluate(tiny_tokenizer, examples, {**good, **bad})  # the good layers are merged before the bad one
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert state.evaluate(tiny_tokenizer, examples, good) != evaluate_loss(tiny_model, tiny_tokenizer, examples)
+    assert all(torch.equal(before[k], tiny_model.state_dict()[k]) for k in before)
+
+
+def test_eval_mode_restores_the_previous_mode_on_error(tiny_model):
+    from flora.modeling import eval_mode
+
+    tiny_model.train()
+    with pytest.raises(RuntimeError):
+        with eval_mode(tiny_model):
+            assert not tiny_model.training
+            raise RuntimeError("boom")
+    assert tiny_model.training

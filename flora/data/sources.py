@@ -100,15 +100,27 @@ def read_rows(path: Path, allow_truncated: bool = False) -> tuple[list, int]:
     Returns ``(rows, truncated_tail_bytes)``. A JSON file that ends early raises, naming the line,
     unless ``allow_truncated`` (then every complete row is kept and the tail size reported).
     """
+    rows, _, tail = read_located_rows(path, allow_truncated)
+    return rows, tail
+
+
+def read_located_rows(path: Path, allow_truncated: bool = False) -> tuple[list, list[str], int]:
+    """:func:`read_rows` plus where each row is, as an editor counts: ``line N`` (1-based) in a JSONL
+    file, ``item N`` (1-based) in a JSON array or a `datasets` directory."""
+    rows, lines, tail = _read_rows(path, allow_truncated)
+    return rows, [f"line {n}" for n in lines] if lines else [f"item {i}" for i in range(1, len(rows) + 1)], tail
+
+
+def _read_rows(path: Path, allow_truncated: bool) -> tuple[list, list[int] | None, int]:
     if not path.exists():
         raise DataError(f"data {path}: no such file or directory")
     if path.is_dir():
-        return _read_datasets_dir(path), 0
+        return _read_datasets_dir(path), None, 0
     text = read_text(path, "data")
     if not text.strip():
         raise DataError(f"data {path}: the file is empty")
     if path.suffix.lower() == ".jsonl" or (not text.lstrip().startswith("[") and path.suffix.lower() != ".json"):
-        rows = []
+        rows, lines = [], []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -118,14 +130,16 @@ def read_rows(path: Path, allow_truncated: bool = False) -> tuple[list, int]:
                 raise DataError(f"data {path}: line {number}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
             except RecursionError:
                 raise DataError(f"data {path}: line {number}: JSON nested too deeply") from None
-        return rows, 0
+            lines.append(number)
+        return rows, lines, 0
     try:
         value = json.loads(text)
     except RecursionError:
         raise DataError(f"data {path}: JSON nested too deeply (expected an array of flat rows)") from None
     except json.JSONDecodeError as exc:
         if allow_truncated and text.lstrip().startswith("["):
-            return recover_json_array(text, str(path))
+            rows, tail = recover_json_array(text, str(path))
+            return rows, None, tail
         stripped = text.strip()
         hint = "; the file looks truncated (it does not end with ']')" \
             if stripped.startswith("[") and not stripped.endswith("]") else ""
@@ -137,7 +151,7 @@ def read_rows(path: Path, allow_truncated: bool = False) -> tuple[list, int]:
         value = lists[0]
     if not isinstance(value, list):
         raise DataError(f"data {path}: expected a JSON array of rows, got {type(value).__name__}")
-    return value, 0
+    return value, None, 0
 
 
 def _read_datasets_dir(path: Path) -> list:
@@ -158,9 +172,11 @@ def _read_datasets_dir(path: Path) -> list:
 
 
 def convert_rows(rows: list, fmt: str, source: str, on_malformed: str = "raise",
-                 report: LoadReport | None = None) -> tuple[list[Record], LoadReport]:
+                 report: LoadReport | None = None, locations: list[str] | None = None
+                 ) -> tuple[list[Record], LoadReport]:
     """Convert raw rows to records. Empty conversations are skipped and counted; malformed rows
-    raise (naming the row and field) unless ``on_malformed='skip'``, then they are counted too."""
+    raise (naming where the row is — ``locations[i]``, default ``item i+1`` — and the field) unless
+    ``on_malformed='skip'``, then they are counted too."""
     if not rows:
         raise DataError(f"data {source}: no rows")
     if fmt == "auto":
@@ -181,7 +197,8 @@ def convert_rows(rows: list, fmt: str, source: str, on_malformed: str = "raise",
             records.append(convert(row))
         except RowError as exc:
             if exc.kind == "malformed" and on_malformed == "raise":
-                raise DataError(f"data {source}: row {index} ({fmt}): {exc}") from exc
+                where = locations[index] if locations else f"item {index + 1}"
+                raise DataError(f"data {source}: {where} ({fmt}): {exc}") from exc
             report.skip(f"{exc.kind}: {_reason_key(str(exc))}")
     report.kept = len(records)
     if not records:
@@ -205,14 +222,14 @@ def load_records(source: str | Path = "embedded", fmt: str = "auto", on_malforme
     """
     if str(source).lower() in EMBEDDED_NAMES:
         path = embedded_sharegpt_path()
-        rows, tail = read_rows(path, allow_truncated=True)
+        rows, locations, tail = read_located_rows(path, allow_truncated=True)
         fmt, policy, name = ("sharegpt" if fmt == "auto" else fmt), (on_malformed or "skip"), "embedded ShareGPT V3"
     else:
         path = Path(source).expanduser()
-        rows, tail = read_rows(path)
+        rows, locations, tail = read_located_rows(path)
         policy, name = (on_malformed or "raise"), str(path)
     if limit is not None:
-        rows = rows[:limit]
+        rows, locations = rows[:limit], locations[:limit]
     report = LoadReport(source=name, format=fmt, truncated_tail_bytes=tail)
-    return convert_rows(rows, fmt, name, on_malformed=policy, report=report)
+    return convert_rows(rows, fmt, name, on_malformed=policy, report=report, locations=locations)
 

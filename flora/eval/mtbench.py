@@ -151,19 +151,40 @@ class Judge:
 
 
 def judge_answers(judge: Judge, questions: Sequence[MTQuestion], answers: Sequence[dict]) -> dict:
-    """Scores per question and turn, the mean per turn and overall (ratings of -1 are left out)."""
+    """Scores per question and turn, the mean per turn and overall (ratings of -1 are left out).
+
+    A judgement that fails (the endpoint errs, see :class:`JudgeError`) is recorded for its question and
+    turn with score -1 and the reason in ``error``; the others go on. ``unparsed`` counts every -1
+    (failed or without a rating), ``failed`` the failures.
+    """
     by_id = {a["question_id"]: a["choices"][0]["turns"] for a in answers}
     records, per_turn = [], {}
     for question in questions:
         for turn, (system, user) in enumerate(judge_prompts(question, by_id[question.question_id]), start=1):
-            judgment = judge.complete(system, user)
+            record = {"question_id": question.question_id, "category": question.category, "turn": turn}
+            try:
+                judgment = judge.complete(system, user)
+            except JudgeError as exc:
+                judgment, record["error"] = "", str(exc)
             score = parse_rating(judgment)
-            records.append({"question_id": question.question_id, "category": question.category, "turn": turn,
-                            "score": score, "judgment": judgment})
+            records.append({**record, "score": score, "judgment": judgment})
             if score >= 0:
                 per_turn.setdefault(turn, []).append(score)
     valid = [s for scores in per_turn.values() for s in scores]
     return {"judge_model": judge.model, "scores": records,
             "mean_per_turn": {t: sum(v) / len(v) for t, v in sorted(per_turn.items())},
             "mean": sum(valid) / len(valid) if valid else float("nan"),
-            "unparsed": sum(1 for r in records if r["score"] < 0)}
+            "unparsed": sum(1 for r in records if r["score"] < 0),
+            "failed": sum(1 for r in records if "error" in r)}
+
+
+def judgment_problems(result: dict) -> list[str]:
+    """One line per judgement without a score: the question, turn and why (judge error or no rating)."""
+    lines = []
+    for record in result["scores"]:
+        if record["score"] >= 0:
+            continue
+        why = (f"judge failed: {record['error']}" if "error" in record
+               else f"no [[rating]] in the judgment {record['judgment'][:80]!r}")
+        lines.append(f"question {record['question_id']} turn {record['turn']}: {why}")
+    return lines

@@ -61,7 +61,7 @@ def run_mmlu(model, tokenizer, n: int, scorings, shots: int, seed: int, batch_si
 
 
 def run_mtbench(model, tokenizer, args, out_path: Path) -> dict:
-    from flora.eval.mtbench import Judge, generate_answers, judge_answers, load_questions
+    from flora.eval.mtbench import Judge, generate_answers, judge_answers, judgment_problems, load_questions
 
     questions = load_questions(args.mtbench)
     with tqdm(total=len(questions), desc="MT-bench answers", disable=args.quiet) as bar:
@@ -75,7 +75,10 @@ def run_mtbench(model, tokenizer, args, out_path: Path) -> dict:
         print("[eval] MT-bench: no judge configured (--judge-url or FLORA_JUDGE_URL): stopping after generation; "
               "grade later with any OpenAI-compatible endpoint")
         return {"answers": str(answers_path), "judged": False}
-    judgment = judge_answers(Judge(args.judge_url, args.judge_model, args.judge_key_env), questions, answers)
+    judgment = judge_answers(Judge(args.judge_url, args.judge_model, args.judge_key_env,
+                                   timeout=args.judge_timeout), questions, answers)
+    for line in judgment_problems(judgment):
+        print(f"[eval] MT-bench: {line}")
     print(f"[eval] MT-bench mean score {judgment['mean']:.2f} (judge {args.judge_model}, "
-          f"{judgment['unparsed']} unparsed)")
+          f"{judgment['unparsed']} unparsed, {judgment['failed']} failed)")
     return {"answers": str(answers_path), "judged": True, **judgment}

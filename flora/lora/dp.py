@@ -14,6 +14,14 @@ accountant for ``ε`` at ``δ`` — no hand-written formulas.
 
 Client weights are uniform (``1/(qN)``): data-size weights ``n_k/Σn`` would themselves depend on
 private data and change the sensitivity.
+
+Randomness (:class:`DPRandom`): who takes part and the noise must be unpredictable to everyone but the
+(trusted) server. By default every round draws a fresh 256-bit key from the operating system's CSPRNG
+(``secrets.token_bytes``) and expands it with ChaCha20 into the Poisson sample's uniforms and the noise's
+Gaussians (Box-Muller in float64 on 53-bit uniforms); nothing public — the config, its ``seed`` — can
+reproduce them. ``dp_noise_seed >= 0`` seeds both from that number instead: reproducible (tests), and
+whoever knows the seed can subtract the noise, so the guarantee is void (``dp_guarantee_void`` in the
+metrics, and a warning).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from flora.lora.factors import Factors
@@ -47,17 +56,78 @@ class DPSpec:
         return self.noise_multiplier * self.clip_norm / self.denominator
 
 
-def poisson_sample(num_clients: int, rate: float, round_: int, seed: int) -> list[int]:
-    """Clients taking part in ``round_``: each independently with probability ``rate`` (seeded)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + round_ + 7)
-    return torch.nonzero(torch.rand(num_clients, generator=generator) < rate).flatten().tolist()
+KEY_BYTES = 32  # 256 bits from the OS per round and purpose (at least 128 are required)
 
 
-def noise_generator(noise_seed: int, round_: int) -> torch.Generator:
-    """The round's noise source: from the OS's secure random source when ``noise_seed < 0`` (the only
-    private choice: whoever knows the seed can subtract the noise), else seeded (tests, reproduction)."""
-    seed = secrets.randbits(63) if noise_seed < 0 else noise_seed * 1_000_003 + round_
-    return torch.Generator().manual_seed(seed)
+class ChaChaStream:
+    """A CSPRNG: the ChaCha20 keystream of a fresh 256-bit key from the operating system's secure source."""
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+        key = secrets.token_bytes(KEY_BYTES)
+        self._cipher = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()  # one key, one stream
+
+    def uniform(self, count: int) -> np.ndarray:
+        """``count`` float64 uniforms in ``(0, 1]`` (53 random bits each; never 0, so ``log`` is finite)."""
+        words = np.frombuffer(self._cipher.update(bytes(8 * count)), dtype=np.uint64)
+        return ((words >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53
+
+    def normal(self, shape: Sequence[int]) -> torch.Tensor:
+        """Standard Gaussians (float32) by Box-Muller in float64."""
+        count = math.prod(shape)
+        half = (count + 1) // 2
+        u = self.uniform(2 * half)
+        radius, angle = np.sqrt(-2.0 * np.log(u[:half])), 2.0 * np.pi * u[half:]
+        values = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
+        return torch.from_numpy(values.astype(np.float32)).reshape(tuple(shape))
+
+
+class SeededStream:
+    """The same interface from a seeded torch generator: reproducible, so NOT private."""
+
+    def __init__(self, seed: int) -> None:
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def uniform(self, count: int) -> np.ndarray:
+        return torch.rand(count, generator=self._generator, dtype=torch.float64).numpy()
+
+    def normal(self, shape: Sequence[int]) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self._generator)
+
+
+@dataclass(frozen=True)
+class DPRandom:
+    """Where the DP mechanism's randomness comes from: ``noise_seed < 0`` the OS CSPRNG (fresh 256-bit keys
+    every round; the only private choice), else that seed (reproducible; the guarantee is void)."""
+
+    noise_seed: int = -1
+
+    @property
+    def guarantee_void(self) -> bool:
+        return self.noise_seed >= 0
+
+    @property
+    def source(self) -> str:
+        """The source in words (metrics and logs)."""
+        if self.guarantee_void:
+            return f"dp_noise_seed = {self.noise_seed} (reproducible: the privacy guarantee is void)"
+        return f"OS CSPRNG (secrets.token_bytes, {8 * KEY_BYTES}-bit key per round) expanded by ChaCha20"
+
+    def stream(self, round_: int, purpose: int) -> ChaChaStream | SeededStream:
+        """A fresh stream for one round and purpose (0: participation, 1: noise)."""
+        if self.guarantee_void:
+            return SeededStream((self.noise_seed * 1_000_003 + round_) * 2 + purpose)
+        return ChaChaStream()
+
+    def participants(self, num_clients: int, rate: float, round_: int) -> list[int]:
+        """Poisson sample of ``round_``: each client independently with probability ``rate``."""
+        uniforms = self.stream(round_, 0).uniform(num_clients)
+        return [k for k in range(num_clients) if uniforms[k] < rate]
+
+    def noise(self, round_: int) -> ChaChaStream | SeededStream:
+        """The round's noise source (draw every layer from it in one fixed order)."""
+        return self.stream(round_, 1)
 
 
 def clip_updates(updates: Sequence[Mapping[str, Factors]], clip_norm: float, norms: Sequence[float] | None = None
@@ -70,17 +140,17 @@ def clip_updates(updates: Sequence[Mapping[str, Factors]], clip_norm: float, nor
 
 
 def noisy_layer_mean(clipped: Sequence[Mapping[str, Factors]], name: str, shape: tuple[int, int], spec: DPSpec,
-                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                     noise_source: ChaChaStream | SeededStream) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's ``(clean, noisy)`` mean ``Σ_k B_k A_k / (qN)`` and the same plus ``N(0, σ²C²) / (qN)``
     per entry, both dense ``(out, in)``. Call it for the layers in one fixed (sorted) order so a seeded
-    generator gives the same noise whatever order the clients' replies arrive in."""
+    source gives the same noise whatever order the clients' replies arrive in."""
     out_dim, in_dim = shape
     total = torch.zeros(out_dim, in_dim)
     for update in clipped:
         A, B = update[name]
         total += B @ A
     clean = total / spec.denominator
-    noise = torch.randn(out_dim, in_dim, generator=generator) * (spec.noise_multiplier * spec.clip_norm)
+    noise = noise_source.normal((out_dim, in_dim)) * (spec.noise_multiplier * spec.clip_norm)
     return clean, clean + noise / spec.denominator
 
 

@@ -11,7 +11,7 @@ Conventions used across ``flora.lora`` (see DESIGN.md §1):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 
@@ -82,13 +82,18 @@ def check_update(
     layer_shapes: Mapping[str, tuple[int, int]] | None = None,
     expected_layers: set[str] | None = None,
     max_norm: float | None = None,
+    max_rank: int | None = None,
+    dtypes: Collection[torch.dtype] | None = None,
 ) -> None:
     """Raise :class:`InvalidUpdateError` if one client's update cannot be aggregated.
 
-    Checks: layer set (against ``expected_layers`` or ``layer_shapes``), 2-D factors whose
-    inner dimension (the rank) agrees and is >= 1, shapes against the base layer
-    ``(out, in)``, rank no larger than ``min(out, in)``, finite values, and, when
-    ``max_norm`` is given, ``‖B A‖_F <= max_norm`` per layer.
+    Checks: layer set (against ``expected_layers`` or ``layer_shapes``), one real floating dtype for
+    every factor (one of ``dtypes`` when given; complex and integer tensors are refused), 2-D factors
+    whose inner dimension (the rank) agrees and is >= 1, shapes against the base layer ``(out, in)``,
+    rank no larger than ``min(out, in)`` nor than ``max_rank`` (the rank the client may use), finite
+    values, factors small enough that their products cannot overflow the dtype
+    (:func:`overflow_bound`; norms in float64), and, when ``max_norm`` is given,
+    ``‖B A‖_F <= max_norm`` per layer.
     """
     if not isinstance(update, Mapping) or not update:
         raise InvalidUpdateError(client, None, "empty update: expected {layer: (A, B)} with at least one layer")
@@ -103,6 +108,13 @@ def check_update(
         A, B = pair
         if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)):
             raise InvalidUpdateError(client, name, "A and B must be torch tensors")
+        for factor in (A, B):
+            if not factor.dtype.is_floating_point or (dtypes is not None and factor.dtype not in dtypes):
+                allowed = sorted(str(d) for d in dtypes) if dtypes is not None else "a real floating dtype"
+                raise InvalidUpdateError(client, name, f"dtype {factor.dtype}: expected {allowed}")
+        if A.dtype != B.dtype or A.dtype != first_dtype(update):
+            raise InvalidUpdateError(client, name, f"dtypes A {A.dtype}, B {B.dtype}: expected one dtype for "
+                                                   f"every factor ({first_dtype(update)})")
         if A.ndim != 2 or B.ndim != 2:
             raise InvalidUpdateError(client, name, f"A and B must be 2-D, got A{tuple(A.shape)} B{tuple(B.shape)}")
         rank = A.shape[0]
@@ -121,12 +133,32 @@ def check_update(
                 )
             if rank > min(out_dim, in_dim):
                 raise InvalidUpdateError(client, name, f"rank {rank} exceeds the layer's min(out, in) = {min(out_dim, in_dim)}")
+        if max_rank is not None and rank > max_rank:
+            raise InvalidUpdateError(client, name, f"rank {rank} exceeds the client's rank {max_rank}")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise InvalidUpdateError(client, name, "non-finite values (NaN or Inf)")
+        size = float(A.double().norm()) * float(B.double().norm())  # bounds every entry of B @ A and ‖B A‖_F
+        if not size <= overflow_bound(A.dtype):
+            raise InvalidUpdateError(client, name, f"factor norms ‖A‖·‖B‖ = {size:.3g} exceed {overflow_bound(A.dtype):.3g}: "
+                                                   f"products would overflow {A.dtype}")
         if max_norm is not None:
             norm = product_norm(A, B)
             if not norm <= max_norm:
                 raise InvalidUpdateError(client, name, f"update norm {norm:.4g} exceeds the bound {max_norm:.4g}")
+
+
+def first_dtype(update: ClientUpdate) -> torch.dtype:
+    """The dtype of an update's first factor (every factor must share it)."""
+    return next(iter(update.values()))[0].dtype
+
+
+def overflow_bound(dtype: torch.dtype) -> float:
+    """Largest ``‖A‖_F·‖B‖_F`` accepted for factors of ``dtype``: ``sqrt(finfo.max)`` (1.8e19 for float32).
+
+    It bounds every entry of ``B A`` (Cauchy-Schwarz) far below the overflow threshold, leaves room for the
+    activations the merged update multiplies later, and is never approached by a trained adapter (≈ 1).
+    """
+    return math.sqrt(torch.finfo(dtype).max)
 
 
 def check_updates(
@@ -145,9 +177,29 @@ def check_updates(
 
 
 def product_norm(A: torch.Tensor, B: torch.Tensor) -> float:
-    """``‖B A‖_F`` without forming the ``(out, in)`` product: ``sqrt(tr((BᵀB)(AAᵀ)))``."""
+    """``‖B A‖_F`` without forming the ``(out, in)`` product: ``sqrt(tr((BᵀB)(AAᵀ)))``, in float64 (real
+    factors only: :func:`check_update` refuses complex ones)."""
     gram = (B.T.double() @ B.double()) * (A.double() @ A.T.double())
     return float(gram.sum().clamp_min(0).sqrt())
+
+
+def cap_weights(weights: Sequence[float], cap: float) -> list[float]:
+    """Weights (summing to 1) with none above ``cap``: the excess of capped clients goes to the others in
+    proportion to their weights (water-filling), so the order of the uncapped ones is kept. With
+    ``cap < 1/K`` no such weights exist and every client gets ``1/K``."""
+    p = normalize_weights(weights)
+    if cap * len(p) <= 1:
+        return [1.0 / len(p)] * len(p)
+    capped: set[int] = set()
+    while True:
+        free = [i for i in range(len(p)) if i not in capped]
+        mass = 1.0 - cap * len(capped)
+        total = math.fsum(p[i] for i in free)
+        scaled = {i: (p[i] * mass / total if total > 0 else mass / len(free)) for i in free}
+        over = {i for i, w in scaled.items() if w > cap}
+        if not over:
+            return [cap if i in capped else scaled[i] for i in range(len(p))]
+        capped |= over
 
 
 def truncate_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> Factors:

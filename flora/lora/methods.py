@@ -10,8 +10,14 @@ How a client starts a round (``start``):
 fresh      a new adapter of the client's rank (A seeded, B = 0); the server merges the aggregate into
            the base weights (``flora``, ``centralized``)
 global     the global adapter the server broadcast (``fedit``, ``ffa``, ``fedex``)
-truncated  the first ``r_k`` ranks of the global adapter (``zeropad``, ``flexlora``)
+truncated  the first ``r_k`` ranks of the global adapter (``zeropad``, ``flexlora``, ``raflora``)
+modules    ``r_k`` rank-1 modules of the rank-``R`` global adapter, drawn per (seed, round, client), from
+           their global values; the other modules are folded into the client's frozen base for the round
+           (``fedplora``; ``R`` = the largest client rank)
 own        its own adapter of the last round; nothing is aggregated (``standalone``)
+warm       the best rank-``r_k`` part of the global update, which its base weights give up while it
+           trains, so it starts exactly at the global model; the server merges the aggregate of
+           ``B_k A_k − B⁰_k A⁰_k`` into the base weights (``flora-warm``; ``flora/lora/warm.py``)
 ========== =======================================================================================
 """
 
@@ -25,7 +31,7 @@ from flora.lora import aggregate as rules
 from flora.lora.aggregate import AggregationResult
 from flora.lora.factors import ClientUpdate, check_updates, normalize_weights
 
-STARTS = ("fresh", "global", "truncated", "own")
+STARTS = ("fresh", "global", "truncated", "modules", "own", "warm")
 
 
 @dataclass(frozen=True)
@@ -47,13 +53,25 @@ class MethodSpec:
 
     @property
     def merges(self) -> bool:
-        """The aggregate is merged into the base weights (clients restart) rather than kept as an adapter."""
-        return self.start == "fresh"
+        """The aggregate is merged into the base weights (clients restart or warm-start) rather than kept as an
+        adapter."""
+        return self.start in ("fresh", "warm")
+
+    @property
+    def warm_start(self) -> bool:
+        """Clients start from warm factors cut from the global update (``warm_source``, ``warm_split``), their
+        base weights minus those factors' product; the server aggregates ``B_k A_k − B⁰_k A⁰_k``."""
+        return self.start == "warm"
 
     @property
     def truncates(self) -> bool:
         """Client ``k`` continues from the first ``r_k`` ranks of the global adapter."""
         return self.start == "truncated"
+
+    @property
+    def selects_modules(self) -> bool:
+        """Client ``k`` trains ``r_k`` drawn rank-1 modules of the global adapter, the rest folded into its base."""
+        return self.start == "modules"
 
     @property
     def fresh_adapters(self) -> bool:
@@ -94,6 +112,17 @@ register(MethodSpec("ffa", "A frozen and shared, average B",
                     freeze_a=True))
 register(MethodSpec("fedex", "FedIT averages + residual Σ p_k B_k A_k − B̄ Ā merged into the base",
                     rules.aggregate_fedex, start="global", exact=True, equal_ranks=True, shared_init=True))
+register(MethodSpec("flora-warm", "stack B_k A_k − B⁰_k A⁰_k: clients start from the global update's top-r_k SVD; "
+                    "merge", rules.aggregate_flora_warm, start="warm", exact=True))
+register(MethodSpec("raflora", "rank partitions averaged over the clients covering them; client k gets its "
+                               "rank-r_k SVD (FlexLoRA without rank collapse)",
+                    rules.aggregate_raflora, start="truncated", exact=False, shared_init=True))
+register(MethodSpec("florana", "B̂ = Σ q_u B_u, Â = Σ p_u A_u with p, q minimising ‖B̂ Â − Σ p_k B_k A_k‖ "
+                               "(alternating least squares)",
+                    rules.aggregate_florana, start="global", exact=False, equal_ranks=True, shared_init=True))
+register(MethodSpec("fedplora", "R rank-1 modules; client k trains r_k drawn ones (rest folded into its base); "
+                                "each module averaged over the clients that trained it",
+                    rules.aggregate_fedplora, start="modules", exact=False, shared_init=True))
 register(MethodSpec("centralized", "one client with all training data, FLoRA rounds (upper reference)",
                     rules.aggregate_flora, start="fresh", exact=True, pooled=True))
 register(MethodSpec("standalone", "no aggregation: each client trains alone (lower reference)",
