@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,8 @@ def run_tests(timeout: float) -> dict:
     lines = [line for line in output.splitlines() if line.strip()]
     print("\n".join(lines[-40:]), flush=True)
     printed = [line.strip() for line in lines if "MiB" in line or "relative" in line]
-    return {"rc": rc, "summary": lines[-1] if lines else "", "printed": printed,
+    summaries = [line.strip("= ") for line in lines if re.search(r"\d+ (passed|failed|skipped|deselected|error)", line)]
+    return {"rc": rc, "summary": summaries[-1] if summaries else (lines[-1] if lines else ""), "printed": printed,
             "seconds": time.perf_counter() - started}
 
 
