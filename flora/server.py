@@ -264,9 +264,6 @@ class FederationServer:
                 self._check_module_ranks(reply)
         except InvalidUpdateError as exc:
             return exc.reason if exc.layer is None else f"layer {exc.layer!r}: {exc.reason}"
-        if self.config.spec.warm_start and reply.applied != len(self.history):
-            return (f"trained on {reply.applied} round updates, the server holds {len(self.history)}: its warm start "
-                    f"was cut from another global model than the server's")
         return None
 
     def _reject(self, round_: int, reply: ClientReply, reason: str, screening: Screening) -> None:

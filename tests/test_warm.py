@@ -16,6 +16,7 @@ from flora.engines import run_in_process
 from flora.lora.aggregate import aggregation_error
 from flora.lora.factors import normalize_weights
 from flora.lora.methods import aggregate
+from flora.precision import temporary_update
 from flora.lora.warm import LORA_ROW_NORM, WarmSource
 from flora.runner import server_for
 from flora.runtime import Runtime
@@ -182,7 +183,8 @@ def test_every_client_starts_the_round_at_the_global_model(assets_dir, tmp_path,
     assert all(_close(before[n], w) for n, w in _weights(server.state.model).items())
     for k in range(3):
         rank = config.client_rank(k)
-        with client.round_start(k, rank) as start:
+        start, shift = client.start(k, rank, 2)
+        with temporary_update(client.state.model, shift):  # what FederationClient.train does around training
             assert start and all(A.shape[0] == min(rank, 4 + 2 + 1) for A, _ in start.values())
             peft_model = attach_adapter(client.state.model, lora_spec(config, rank, k), init_seed=k,
                                         init_factors=start, fill_fresh=True)
@@ -190,7 +192,7 @@ def test_every_client_starts_the_round_at_the_global_model(assets_dir, tmp_path,
             merged = peft_model.merge_and_unload()  # base − B⁰A⁰ + scaling · B A of the adapter, as weights
             for name, weight in _weights(server.state.model).items():
                 assert _close(merged.state_dict()[name], weight), name
-            # undo the merge the exact way round_start does: its saved weights are restored on exit
+            # the saved weights come back on exit, bit for bit
         assert all(torch.equal(before[n], w) for n, w in _weights(client.state.model).items())
 
 
@@ -232,7 +234,8 @@ def test_reply_trained_on_another_global_model_is_rejected(assets_dir, tmp_path,
     replies[2].applied = 1  # as if cut from a global model with one more round than the server's
     record = server.aggregate_round(1, replies, 0, 0.0)
     assert record["clients_ok"] == 2 and record["clients_rejected"] == 1
-    assert "client 2 trained on 1 round updates, the server holds 0" in caplog.text
+    # the server's `applied` rule: a reply must hold exactly the rounds the server's message brought it to
+    assert "client 2 (node node-2): metrics 'applied' = 1: expected 0" in caplog.text
 
 
 @pytest.mark.parametrize("values, message", [
