@@ -30,19 +30,10 @@ from contextlib import contextmanager
 
 import torch
 
-from flora.lora.factors import Factors
+from flora.lora.factors import Factors, Merge, dense  # noqa: F401 (Factors, Merge: re-exported)
 from flora.modeling import merge_update
 
-Merge = Factors | torch.Tensor  # (A, B) whose product is added, or a dense (out, in) tensor
 EXACT_DTYPES = (torch.float32, torch.float64)  # weights that take an update in place without losing it
-
-
-def dense(merge: Merge) -> torch.Tensor:
-    """The ``(out, in)`` update a merge part adds."""
-    if isinstance(merge, torch.Tensor):
-        return merge
-    A, B = merge
-    return B @ A
 
 
 def keeps_delta_beside(module: torch.nn.Module) -> bool:

@@ -17,6 +17,15 @@ import torch
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A (r, in), B (out, r))
 ClientUpdate = Mapping[str, Factors]
+Merge = Factors | torch.Tensor  # (A, B) whose product is added, or a dense (out, in) tensor
+
+
+def dense(merge: Merge) -> torch.Tensor:
+    """The ``(out, in)`` update a merge part adds."""
+    if isinstance(merge, torch.Tensor):
+        return merge
+    A, B = merge
+    return B @ A
 
 
 class InvalidUpdateError(ValueError):

@@ -57,7 +57,7 @@ from collections.abc import Mapping
 
 import torch
 
-from flora.lora.factors import Factors
+from flora.lora.factors import Factors, Merge, dense
 from flora.lora.refactor import product_svd
 
 LORA_ROW_NORM = 1.0 / math.sqrt(3.0)  # row norm of peft's kaiming-uniform(a=√5) A initialisation
@@ -65,7 +65,7 @@ SOURCES = ("accumulated", "last")
 SPLITS = ("lora", "balanced")
 RTOL = 1e-6  # singular values at or below rtol · s_1 are noise of the float32 merges: those ranks start fresh
 
-Part = Factors | torch.Tensor  # a merge part: factors (A, B) or a dense (out, in) update
+Part = Merge  # a merge part: factors (A, B) or a dense (out, in) update
 Svd = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U (out, q), S (q,), Vh (q, in), float64
 
 
@@ -86,22 +86,15 @@ def _float64(part: Part) -> Part:
     return tuple(t.detach().to("cpu", torch.float64) for t in part)
 
 
-def _dense(part: Part) -> torch.Tensor:
-    if isinstance(part, torch.Tensor):
-        return part
-    A, B = part
-    return B @ A
-
-
 def add_parts(total: Part, part: Part) -> Part:
     """``total + part``: concatenated factors while they are smaller than a dense matrix, else dense."""
     if isinstance(total, torch.Tensor) or isinstance(part, torch.Tensor):
-        return _dense(total) + _dense(part)
+        return dense(total) + dense(part)
     (A_t, B_t), (A_p, B_p) = total, part
     out_dim, in_dim = B_t.shape[0], A_t.shape[1]
     if (A_t.shape[0] + A_p.shape[0]) * (out_dim + in_dim) < out_dim * in_dim:
         return torch.cat([A_t, A_p]), torch.cat([B_t, B_p], dim=1)
-    return _dense(total) + _dense(part)
+    return dense(total) + dense(part)
 
 
 def top_svd(part: Part, rank: int | None = None, rtol: float = RTOL) -> Svd:
