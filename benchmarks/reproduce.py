@@ -1,8 +1,8 @@
 """The paper's comparisons at SmolLM2-135M scale (issue 7), with this system's own run code.
 
-    python benchmarks/reproduce.py --profile quick          # ~22 min on 2 cores for the first 12 runs (15 now),
+    python benchmarks/reproduce.py --profile quick          # ~22 min on 2 cores for the first 12 runs (17 now),
                                                             #   1 seed, no MMLU
-    python benchmarks/reproduce.py --profile full           # ~3.1 h measured for the first 23 runs (32 now):
+    python benchmarks/reproduce.py --profile full           # ~3.1 h measured for the first 23 runs (38 now):
                                                             #   + 3 seeds of the key pairs, ablation,
                                                             #   IID control, MMLU cloze (1,000 questions)
     python benchmarks/reproduce.py --profile full --report  # tables + plot from what has finished
@@ -15,8 +15,9 @@ clients × local steps per round). Runs:
   standalone (raflora and fedplora are left out here: with equal ranks they are flexlora and fedit);
 * heterogeneous, ranks 64,32,16,16,8,8,4,4,4,4: flora, zeropad, flexlora, raflora, fedplora (Fed-PLoRA),
   centralized (rank 64), standalone (each client at its rank; loss = mean over the clients' own models);
-* ``full`` only: seeds 1 and 2 of the key runs (flora, fedit, florana homogeneous; flora, zeropad,
-  raflora, fedplora heterogeneous), p_k uniform instead of by data size (flora heterogeneous), and an IID
+* both settings: flora-warm (issue 20: FLoRA's exactness with a warm start instead of a fresh adapter);
+* ``full`` only: seeds 1 and 2 of the key runs (flora, fedit, florana, flora-warm homogeneous; flora, zeropad,
+  raflora, fedplora, flora-warm heterogeneous), p_k uniform instead of by data size (flora heterogeneous), and an IID
   partition of the FLoRA key runs against their Dirichlet ones.
 
 The report pairs the key runs by seed: FLoRA minus each other, and each minus the best of the newest
@@ -45,10 +46,13 @@ from flora.config import RunConfig
 RESULTS = Path(__file__).parent / "results"
 DOCS = Path(__file__).parents[1] / "docs"
 HETEROGENEOUS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
-HOMOGENEOUS_METHODS = ["flora", "fedit", "ffa", "fedex", "flexlora", "florana", "centralized", "standalone"]
-HETEROGENEOUS_METHODS = ["flora", "zeropad", "flexlora", "raflora", "fedplora", "centralized", "standalone"]
+HOMOGENEOUS_METHODS = ["flora", "fedit", "ffa", "fedex", "flexlora", "florana", "flora-warm", "centralized",
+                       "standalone"]
+HETEROGENEOUS_METHODS = ["flora", "zeropad", "flexlora", "raflora", "fedplora", "flora-warm", "centralized",
+                         "standalone"]
 # The runs every seed gets, per setting; FLoRA (first) is paired with each of the others.
-KEY_PAIRS = {"homogeneous": ("flora", "fedit", "florana"), "heterogeneous": ("flora", "zeropad", "raflora", "fedplora")}
+KEY_PAIRS = {"homogeneous": ("flora", "fedit", "florana", "flora-warm"),
+             "heterogeneous": ("flora", "zeropad", "raflora", "fedplora", "flora-warm")}
 NEW_METHODS = ("florana", "raflora", "fedplora")  # issue 22's peers: each setting's best of them is a reference too
 
 PROFILES = {
@@ -92,12 +96,21 @@ def plan(profile: str, out: Path) -> list[tuple[str, RunConfig, bool]]:
     return runs
 
 
+def same_config(summary_config: dict, config: RunConfig) -> bool:
+    """Whether a finished run's recorded config is ``config``. A key the summary lacks was added to
+    RunConfig after the run; it matches when ``config`` holds that key's default (every key was added with
+    a default that keeps the earlier behaviour)."""
+    current = json.loads(json.dumps(config.to_dict()))
+    defaults = json.loads(json.dumps(RunConfig().to_dict()))
+    return all(summary_config[key] == value if key in summary_config else value == defaults[key]
+               for key, value in current.items()) and summary_config.keys() <= current.keys()
+
+
 def summary_dir(profile: str) -> Path:
     return RESULTS / f"reproduce-{profile}"
 
 
 def run_one(name: str, config: RunConfig, mmlu: int, profile: str, quiet: bool) -> dict:
-    from flora.compare import evaluate_final_mmlu
     from flora.engines import run
     from flora.report import read_metrics
 
@@ -107,13 +120,20 @@ def run_one(name: str, config: RunConfig, mmlu: int, profile: str, quiet: bool) 
     summary = {"name": name, "config": config.to_dict(), "wall_seconds": wall,
                "metrics": read_metrics(Path(config.out_dir))}
     if mmlu:
-        started = time.perf_counter()
-        summary["mmlu_cloze"] = evaluate_final_mmlu(config, mmlu, quiet=True)["cloze"]
-        summary["mmlu_seconds"] = time.perf_counter() - started
+        score_mmlu(summary, config, mmlu)
     path = summary_dir(profile) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(summary), indent=1))
     return summary
+
+
+def score_mmlu(summary: dict, config: RunConfig, questions: int) -> None:
+    """Adds the MMLU cloze score of the run's final global model (read from its checkpoint) to ``summary``."""
+    from flora.compare import evaluate_final_mmlu
+
+    started = time.perf_counter()
+    summary["mmlu_cloze"] = evaluate_final_mmlu(config, questions, quiet=True)["cloze"]
+    summary["mmlu_seconds"] = time.perf_counter() - started
 
 
 def _jsonable(value):
@@ -300,7 +320,11 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma list of run names (default: all)")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from finished runs")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--mmlu", type=int, default=None,
+                        help="MMLU questions for the runs the profile scores (default: the profile's; 0 = train now, "
+                             "score in a later call: a finished run without its score is scored then)")
     args = parser.parse_args()
+    mmlu_questions = PROFILES[args.profile]["mmlu"] if args.mmlu is None else args.mmlu
     if not args.report:
         out = Path(args.out or f"runs/reproduce-{args.profile}")
         only = {n.strip() for n in args.only.split(",") if n.strip()}
@@ -308,13 +332,19 @@ def main() -> None:
         for index, (name, config, score) in enumerate(runs, start=1):
             done = summary_dir(args.profile) / f"{name}.json"
             if done.is_file():
-                if json.loads(done.read_text())["config"] == json.loads(json.dumps(config.to_dict())):
-                    print(f"[reproduce] {index}/{len(runs)} {name}: done earlier, skipped")
+                finished = json.loads(done.read_text())
+                if same_config(finished["config"], config):
+                    if score and mmlu_questions and "mmlu_cloze" not in finished:
+                        print(f"[reproduce] {index}/{len(runs)} {name}: trained earlier, scoring MMLU", flush=True)
+                        score_mmlu(finished, config, mmlu_questions)
+                        done.write_text(json.dumps(_jsonable(finished), indent=1))
+                    else:
+                        print(f"[reproduce] {index}/{len(runs)} {name}: done earlier, skipped")
                     continue
                 print(f"[reproduce] {index}/{len(runs)} {name}: the summary's config differs from the profile's; "
                       f"running it again")
             print(f"[reproduce] {index}/{len(runs)} {name}", flush=True)
-            summary = run_one(name, config, PROFILES[args.profile]["mmlu"] if score else 0, args.profile, args.quiet)
+            summary = run_one(name, config, mmlu_questions if score else 0, args.profile, args.quiet)
             print(f"[reproduce] {name}: final test loss {summary['metrics'][-1]['test_loss']:.4f}, "
                   f"{summary['wall_seconds']:.0f} s", flush=True)
     print(report(args.profile))

@@ -12,7 +12,7 @@ reproduce = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(reproduce)
 
 
-@pytest.mark.parametrize("profile, count", [("quick", 15), ("full", 32)])
+@pytest.mark.parametrize("profile, count", [("quick", 17), ("full", 38)])
 def test_plan_has_every_method_setting_and_extra(profile, count, tmp_path):
     runs = reproduce.plan(profile, tmp_path)
     names = [name for name, _, _ in runs]
@@ -67,8 +67,20 @@ def test_key_comparisons_pair_flora_with_each_key_run_and_each_with_the_best_new
     assert reproduce.best_new_method(rows, "homogeneous") is None
     assert reproduce.key_comparisons(rows) == [
         ("homogeneous", ("flora", "fedit")), ("homogeneous", ("flora", "florana")),
+        ("homogeneous", ("flora", "flora-warm")),
         ("heterogeneous", ("flora", "zeropad")), ("heterogeneous", ("flora", "raflora")),
-        ("heterogeneous", ("flora", "fedplora")), ("heterogeneous", ("zeropad", "fedplora")),
-        ("heterogeneous", ("raflora", "fedplora"))]
+        ("heterogeneous", ("flora", "fedplora")), ("heterogeneous", ("flora", "flora-warm")),
+        ("heterogeneous", ("zeropad", "fedplora")),
+        ("heterogeneous", ("raflora", "fedplora")), ("heterogeneous", ("flora-warm", "fedplora"))]
     diff = reproduce.paired_differences(rows, "heterogeneous", ("raflora", "fedplora"))
     assert diff["per_seed"] == {0: pytest.approx(0.05), 1: pytest.approx(0.05)}
+
+
+def test_a_summary_from_before_a_key_existed_matches_only_at_that_keys_default(tmp_path):
+    name, config, _ = reproduce.plan("quick", tmp_path)[0]
+    recorded = config.to_dict()
+    recorded.pop("warm_split")  # a key added after this run was recorded
+    assert reproduce.same_config(recorded, config)
+    assert not reproduce.same_config(recorded, reproduce.dataclasses.replace(config, warm_split="balanced"))
+    assert not reproduce.same_config({**recorded, "lr": config.lr * 2}, config)
+    assert not reproduce.same_config({**recorded, "retired_key": 1}, config)
