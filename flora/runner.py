@@ -71,6 +71,11 @@ def start_run(config: RunConfig, runtime: Runtime, resume: bool = False, progres
     return server, writer
 
 
+def round_line(round_: int, rounds: int, who: str) -> str:
+    """The line that opens round ``round_`` of ``rounds``: ``who`` trains in it."""
+    return f"[flora] round {round_}/{rounds}: training {who}"
+
+
 def client_line(round_: int, reply) -> str:
     """A client's progress line (``reply``: a successful :class:`~flora.rounds.ClientReply`)."""
     return (f"  round {round_} client {reply.client} (rank {reply.rank}): train loss {reply.train_loss:.4f}, "
