@@ -32,6 +32,7 @@ from flwr.supercore.constant import FLWR_DISABLE_UPDATE_CHECK
 from flora.app_config import app_config_table, run_config_overrides
 from flora.config import ConfigError, RunConfig
 from flora.progress import ProgressView
+from flora.tracking import check_tracking
 
 CLIENT_APP = "flora.client_app:app"
 SERVER_APP = "flora.server_app:simulation_app"
@@ -62,6 +63,7 @@ def preflight(config: RunConfig, resume: bool) -> None:
 
     federation_config(config)
     run_config_overrides(config)
+    check_tracking(config)
     if resume:
         load_checkpoint(config.out_dir, config)
     Runtime().server_assets(config)
@@ -70,7 +72,8 @@ def preflight(config: RunConfig, resume: bool) -> None:
 def write_app(directory: Path, client_app: str = CLIENT_APP, server_app: str = SERVER_APP) -> Path:
     """A Flower app directory: ``pyproject.toml`` with the components and the run config's keys."""
     directory.mkdir(parents=True, exist_ok=True)
-    project = {"project": {"name": "flora-run", "version": "1.0.0", "description": "a flora run", "license": "Apache-2.0", "dependencies": []},
+    project = {"project": {"name": "flora-run", "version": "1.0.0", "description": "a flora run",
+                           "license": "Apache-2.0", "dependencies": []},
                "tool": {"flwr": {"app": {"publisher": "flora",
                                          "components": {"serverapp": server_app, "clientapp": client_app},
                                          "config": app_config_table()}}}}

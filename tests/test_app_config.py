@@ -163,3 +163,46 @@ def test_flower_engine_refuses_bad_input_before_submitting(assets_dir, tmp_path,
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert status == 2 and error.startswith("flora: error: data ") and "missing.jsonl" in error, error
     assert not (out / "flower.log").exists()  # nothing was submitted
+
+
+def test_tensorboard_tracking_and_loss_plot_start_at_round_zero(assets_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flora.engines import run_in_process
+    from flora.report import initial_point, round_ticks, write_report
+    from test_federation import tiny_config
+
+    config = tiny_config(assets_dir, tmp_path, report_to="tensorboard", client_eval_examples=2)
+    lines = []
+    metrics = run_in_process(config, progress=lines.append).metrics
+    out = Path(config.out_dir)
+    base = initial_point(out)
+    assert len(base) == 1 and f"initial test loss {base[0]:.4f}" in lines[0]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    test = [(e.step, e.value) for e in events.Scalars("test_loss")]
+    assert [s for s, _ in test] == [0, 1, 2]
+    assert [v for _, v in test] == pytest.approx(base + [m["test_loss"] for m in metrics], rel=1e-6)
+    for m in metrics:
+        for k, loss in m["client_train_loss"].items():  # every client's own loss, per round
+            assert [e.value for e in events.Scalars(f"client_train_loss/{k}") if e.step == m["round"]] == \
+                pytest.approx([loss], rel=1e-6)
+        assert [e.value for e in events.Scalars("client_test_loss/1") if e.step == m["round"]] == \
+            pytest.approx([m["client_test_loss"][1]], rel=1e-6)
+    assert any(x.startswith("[flora] round 1/2: training clients 0, 1, 2") for x in lines)
+    assert sum(x.startswith("[flora] round 2/2 client 1: step ") for x in lines) == config.local_steps
+    write_report(out)
+    assert (out / "loss.png").stat().st_size > 0
+    assert round_ticks(0, 2) == [0, 1, 2] and round_ticks(0, 50) == list(range(0, 51, 5))
+
+
+def test_a_missing_tracker_library_is_a_config_error(monkeypatch):
+    import sys
+
+    from flora.tracking import check_tracking
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow raises ImportError
+    with pytest.raises(ConfigError, match=r"report_to = 'mlflow': the mlflow package is not installed.*"
+                                          r"flora-llm\[mlflow\]"):
+        check_tracking(RunConfig(report_to="mlflow"))
