@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -32,10 +35,23 @@ def make_server_app(known_partitions: bool = False, progress=print) -> ServerApp
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        _log_to_stream()
         config, resume = config_from_flower(dict(context.run_config), dict(grid.run.override_config))
         run_server(grid, config, resume, progress, known_partitions)
 
     return server_app
+
+
+def _log_to_stream() -> None:
+    """The server's warnings (rejected updates, failed nodes) as ``[flora] WARNING: ...`` lines in this process's
+    output, which Flower's log stream carries to ``flwr run --stream`` / ``flwr log`` (and ``flora run``)."""
+    logger = logging.getLogger("flora")
+    if not any(getattr(h, "flora_stream", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[flora] %(levelname)s: %(message)s"))
+        handler.flora_stream = True
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 app = make_server_app()  # `flwr run .`: a deployment, or Flower's own local simulation

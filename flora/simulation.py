@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +39,7 @@ CLIENT_APP = "flora.client_app:app"
 SERVER_APP = "flora.server_app:simulation_app"
 CONNECTION = "flora-local"
 SHOWN = ("[flora]", "[round ", "  round ", "flora: ")  # the run's own lines; the rest goes to OUT/flower.log
+QUIET_SHOWN = ("[round ", "flora: ", "[flora] WARNING", "[flora] ERROR")  # what --quiet keeps of them
 STARTUP_SECONDS = 120.0
 
 
@@ -125,12 +127,12 @@ def _stop(process: subprocess.Popen) -> None:
     """Stop ``process`` and its session (the simulation process and Ray's workers it started)."""
     if process.poll() is None:
         try:
-            os.killpg(process.pid, 15)
+            os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
     try:
-        os.killpg(process.pid, 9)
+        os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     process.wait()
@@ -176,7 +178,7 @@ def run_flower_simulation(config: RunConfig, resume: bool = False, progress: Cal
                         log.write(raw)
                         text = _strip(raw.rstrip("\n"))
                         if text.startswith(SHOWN) or "[flora] round " in text:
-                            if quiet and not text.startswith(("[round ", "flora: ")):
+                            if quiet and not text.startswith(QUIET_SHOWN):
                                 continue
                             view.line(text)
                     flwr.wait()
