@@ -1,7 +1,7 @@
 """Optional experiment tracking (``report_to``), in local files under the out dir, through the trackers' own
 libraries: ``tensorboard`` (``torch.utils.tensorboard``; ``OUT/tensorboard``, view with ``tensorboard
---logdir OUT/tensorboard``) or ``mlflow`` (a local file store ``OUT/mlruns``, view with ``mlflow ui
---backend-store-uri OUT/mlruns``). Every round logs the record's numbers (test and train loss, aggregation
+--logdir OUT/tensorboard``) or ``mlflow`` (a local SQLite store ``OUT/mlflow.db``, view with ``mlflow ui
+--backend-store-uri sqlite:///OUT/mlflow.db``). Every round logs the record's numbers (test and train loss, aggregation
 error, bytes, seconds, ...) at step = round, each client's train and test loss under ``client_*/K``; the
 base model's test loss is step 0. Neither library is a core dependency: extras ``tracking`` (tensorboard) and
 ``mlflow`` (mlflow-skinny).
@@ -77,7 +77,7 @@ class MlflowTracker(Tracker):
     def __init__(self, out: Path, config: RunConfig, resume: bool):
         import mlflow
         self.mlflow = mlflow
-        mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
+        mlflow.set_tracking_uri(tracking_uri(out))
         mlflow.set_experiment("flora")
         id_file = out / "mlflow_run_id"
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
@@ -91,6 +91,11 @@ class MlflowTracker(Tracker):
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def tracking_uri(out: Path) -> str:
+    """MLflow's store for a run: a SQLite file in the out dir (MLflow 3 refuses its old ``./mlruns`` file store)."""
+    return f"sqlite:///{(out / 'mlflow.db').resolve()}"
 
 
 def open_tracker(config: RunConfig, resume: bool = False) -> Tracker:
