@@ -318,3 +318,8 @@ def make_hostile_app(honest: int) -> ClientApp:
         return Message(content=forge(kind, situation), reply_to=msg)
 
     return app
+
+
+# By object reference for a Flower simulation (``flora.adversary:hostile_app``): partitions 0 and 1 honest,
+# the rest hostile (tests/test_adversarial.py).
+hostile_app = make_hostile_app(honest=2)

@@ -38,7 +38,7 @@ from flora.rounds import GlobalState, RoundUpdate
 
 FORMAT_VERSION = 1
 # Keys that may change between a stopped run and its resumption; any other change is refused.
-RESUMABLE_CHANGES = ("rounds", "threads", "out_dir", "client_cpus", "client_gpus")
+RESUMABLE_CHANGES = ("rounds", "threads", "out_dir", "client_cpus", "client_gpus", "min_clients_wait", "report_to")
 
 
 class CheckpointError(ValueError):

@@ -20,7 +20,7 @@ def _run(args) -> int:
     from flora.report import write_report
 
     config = load_config(args.config, args.set)
-    run(config, args.engine, resume=args.resume, progress=(lambda _: None) if args.quiet else print)
+    run(config, args.engine, resume=args.resume, quiet=args.quiet)
     print(write_report(Path(config.out_dir)))
     out = shlex.quote(str(config.out_dir))
     print(f"Export it: flora export {out} --format hf --out {out}/export-hf   (or --format peft --out {out}/export-peft)")
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--engine", choices=ENGINES, default="flower",
                      help="flower: Flower simulation (Ray); local: the same logic in this process")
-    run.add_argument("--quiet", action="store_true", help="no per-client/per-round progress lines (CI logs)")
+    run.add_argument("--quiet", action="store_true", help="one line per round, no per-client progress (CI logs)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in out_dir from its last checkpoint (only rounds/threads may change)")
     run.set_defaults(func=_run)

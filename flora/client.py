@@ -8,7 +8,7 @@ the base weights shifted); the Flower ClientApp (``client_app.py``) is a thin sk
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -77,7 +77,8 @@ class FederationClient:
         self.state = runtime.client_state(config)
 
     def train(self, client: int, node: str, round_: int, first_index: int, updates: Sequence[RoundUpdate],
-              rank: int | None = None) -> ClientReply:
+              rank: int | None = None, on_step: Callable[[int, int, float], None] | None = None) -> ClientReply:
+        """``on_step(step, steps, loss)`` after every optimizer step (progress lines)."""
         config, spec = self.config, self.config.spec
         num_partitions = config.num_partitions
         if not 0 <= client < num_partitions:
@@ -104,7 +105,8 @@ class FederationClient:
         with temporary_update(self.state.model, shift):  # the base the adapter trains on top of (``start``)
             result = train_client(self.state.model, self.assets.tokenizer, examples, lora_spec(config, rank, client),
                                   train_spec, init_seed=init_seed(config, round_, client), init_factors=init,
-                                  fill_fresh=spec.warm_start)
+                                  fill_fresh=spec.warm_start,
+                                  progress=(lambda step, loss: on_step(step, steps, loss)) if on_step else None)
         if spec.per_client_models:
             self.state.client_adapters[client] = result.factors  # never leaves this client in a deployment
         return ClientReply(client=client, node=node, factors=result.factors, num_examples=result.num_examples,

@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 from flora.client import FederationClient
 from flora.codec import factors_to_tensors, updates_from_tensors
 from flora.config import RunConfig
+from flora.progress import step_printer
 from flora.runtime import PROCESS_RUNTIME
 
 app = ClientApp()
@@ -26,7 +27,9 @@ def train(msg: Message, context: Context) -> Message:
     arrays = msg.content["arrays"]
     updates = updates_from_tensors(arrays.to_torch_state_dict() if len(arrays) else {}, first, count)
     client = FederationClient(config, PROCESS_RUNTIME)  # the assets and global state this process keeps
-    reply = client.train(partition_id, str(context.node_id), int(meta["server-round"]), first, updates, rank=rank)
+    reply = client.train(partition_id, str(context.node_id), int(meta["server-round"]), first, updates, rank=rank,
+                         on_step=None if config.dp_enabled else  # DP: no per-client statistic in shared logs
+                         step_printer(int(meta["server-round"]), config.rounds, partition_id))
     used_rank = rank or config.client_rank(partition_id)
     content = RecordDict({
         "arrays": ArrayRecord(torch_state_dict=factors_to_tensors(reply.factors)) if reply.factors else ArrayRecord(),

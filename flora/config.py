@@ -19,6 +19,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("none", "8bit", "4bit")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+REPORT_TO = ("none", "tensorboard", "mlflow")
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,7 @@ class RunConfig:
     outlier_mad: float = 0.0  # reject updates whose norm's modified z-score (median/MAD) exceeds this (0 = off)
     broadcast: str = "private"  # private (never a client's own factors) | smallest | stacked | refactorized | dense
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies (Flower engine)
+    min_clients_wait: float = 300.0  # seconds a round waits for min_clients connected nodes, then the run fails
     # warm starts (methods whose clients warm-start, flora-warm; see flora/lora/warm.py)
     warm_source: str = "accumulated"  # G the warm factors are cut from: accumulated (Σ of all merges) | last (merge)
     warm_split: str = "lora"  # lora (A⁰ = Vᵀ/√3, B⁰ = U S √3: a fresh A's scale) | balanced (A⁰ = √S Vᵀ, B⁰ = U √S)
@@ -86,6 +88,7 @@ class RunConfig:
     seed: int = 0
     threads: int = 0  # torch threads (0 = torch's default)
     out_dir: str = "runs/latest"
+    report_to: str = "none"  # experiment tracking, local files in out_dir: none | tensorboard | mlflow
 
     def __post_init__(self) -> None:
         self.validate()
@@ -152,8 +155,11 @@ class RunConfig:
                               f"expected fractions >= 0 with a sum < 1")
         if not 0 < self.adalora_target_ratio <= 1:
             raise ConfigError(f"adalora_target_ratio = {self.adalora_target_ratio}: expected a value in (0, 1]")
-        if not self.round_timeout > 0:
-            raise ConfigError(f"round_timeout = {self.round_timeout}: expected seconds > 0")
+        for key in ("round_timeout", "min_clients_wait"):
+            if not 0 < getattr(self, key) < math.inf:
+                raise ConfigError(f"{key} = {getattr(self, key)}: expected a finite number of seconds > 0")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(f"report_to = {self.report_to!r}: expected one of {', '.join(REPORT_TO)}")
         for key in ("max_update_norm", "clip_update_norm", "outlier_mad", "max_examples", "eval_examples",
                     "client_eval_examples"):
             if getattr(self, key) < 0:

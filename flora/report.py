@@ -35,8 +35,10 @@ def write_report(out: Path) -> str:
     (out / "results.md").write_text(table + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = [m["round"] for m in metrics]
-    ax.plot(rounds, [m["test_loss"] for m in metrics], marker="o", label="global test loss")
+    start = initial_point(out)  # the base model's test loss: the curve starts at round 0
+    ax.plot([0] * bool(start) + rounds, start + [m["test_loss"] for m in metrics], marker="o", label="global test loss")
     ax.plot(rounds, [m["train_loss"] for m in metrics], marker="s", label="client train loss")
+    ax.set_xticks(round_ticks((0 if start else 1), max(rounds, default=1)))
     ax.set_xlabel("round")
     ax.set_ylabel("loss (assistant tokens)")
     ax.set_title(f"{metrics[0]['method'] if metrics else ''}: loss per round")
@@ -45,6 +47,18 @@ def write_report(out: Path) -> str:
     fig.savefig(out / "loss.png", dpi=100)
     plt.close(fig)
     return table
+
+
+def initial_point(out: Path) -> list[float]:
+    """``[test loss of the base model]`` from ``OUT/round0.json``, or ``[]`` (runs written before it existed)."""
+    path = out / "round0.json"
+    return [float(json.loads(path.read_text())["test_loss"])] if path.is_file() else []
+
+
+def round_ticks(first: int, last: int, most: int = 12) -> list[int]:
+    """Whole-round x ticks from ``first`` to ``last``, at most about ``most`` of them."""
+    step = max(1, -(-(last - first) // most))
+    return list(range(first, last + 1, step))
 
 
 def compare_rows(out: Path) -> list[dict]:

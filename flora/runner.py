@@ -11,6 +11,9 @@ from flora.checkpoint import checkpoint_dir, load_checkpoint, record_to_json, re
 from flora.config import RunConfig, save_config
 from flora.runtime import Runtime
 from flora.server import FederationServer
+from flora.tracking import open_tracker, scalars
+
+ROUND0 = "round0.json"  # the base model's test loss, before round 1
 
 
 class ResultsWriter:
@@ -21,7 +24,8 @@ class ResultsWriter:
     written after the last checkpoint of a crashed run does not appear twice.
     """
 
-    def __init__(self, config: RunConfig, partition_report: dict, metrics: list[dict] | None = None):
+    def __init__(self, config: RunConfig, partition_report: dict, metrics: list[dict] | None = None,
+                 resume: bool = False):
         self.config = config
         self.out = Path(config.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -29,11 +33,20 @@ class ResultsWriter:
         (self.out / "partition.json").write_text(json.dumps(partition_report, indent=2))
         self.metrics_path = self.out / "metrics.jsonl"
         self.metrics_path.write_text("".join(_json_line(m) for m in metrics or []))
+        self.tracker = open_tracker(config, resume)  # report_to (flora/tracking.py)
+
+    def initial(self, test_loss: float) -> None:
+        """The base model's test loss (round 0) of a fresh run: ``OUT/round0.json``, the loss plot's first point."""
+        (self.out / ROUND0).write_text(json.dumps({"round": 0, "test_loss": test_loss}) + "\n")
+        self.tracker.log(0, {"test_loss": test_loss} if test_loss == test_loss else {})
 
     def round_done(self, server: FederationServer) -> None:
         save_round(self.out, self.config, server.history, server.metrics)
         with self.metrics_path.open("a") as handle:
             handle.write(_json_line(server.metrics[-1]))
+        self.tracker.log(server.metrics[-1]["round"], scalars(server.metrics[-1]))
+        if len(server.history) >= self.config.rounds:
+            self.tracker.close()
 
 
 def _json_line(record: dict) -> str:
@@ -60,15 +73,22 @@ def start_run(config: RunConfig, runtime: Runtime, resume: bool = False, progres
                  f"(use --resume to continue it instead)")
     if checkpoint is not None:
         server.restore(checkpoint.updates, checkpoint.metrics)
-    writer = ResultsWriter(config, server.assets.partition.report(), server.metrics)
+    writer = ResultsWriter(config, server.assets.partition.report(), server.metrics, resume=checkpoint is not None)
     header = (f"[flora] {config.method}: {config.num_partitions} clients, ranks {config.ranks}, {config.rounds} rounds, "
               f"{config.local_steps} local steps")
     if checkpoint is not None:
         progress(f"{header}; resumed after round {checkpoint.rounds_done} "
                  f"(test loss {server.metrics[-1]['test_loss'] if server.metrics else float('nan'):.4f})")
     else:
-        progress(f"{header}; initial test loss {server.evaluate():.4f}")
+        initial = server.evaluate()
+        writer.initial(initial)
+        progress(f"{header}; initial test loss {initial:.4f}")
     return server, writer
+
+
+def round_line(round_: int, rounds: int, who: str) -> str:
+    """The line that opens round ``round_`` of ``rounds``: ``who`` trains in it."""
+    return f"[flora] round {round_}/{rounds}: training {who}"
 
 
 def client_line(round_: int, reply) -> str:

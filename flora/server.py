@@ -172,6 +172,7 @@ class FederationServer:
         aggregated = self.aggregate(round_, accepted)
         if not config.dp_enabled and aggregated.weights:
             record["client_weights"] = {str(r.client): p for r, p in zip(accepted, aggregated.weights)}
+            record["client_train_loss"] = {str(r.client): r.train_loss for r in accepted}
         self.apply(aggregated.update)
         record.update(rank_record(accepted, self.assets.layer_shapes))
         record["aggregation_error"] = aggregated.error

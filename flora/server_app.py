@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from flora.app_config import config_from_flower
 from flora.config import RunConfig
 from flora.runner import start_run
 from flora.runtime import Runtime
-from flora.strategy import FloraStrategy, config_from_run_config
+from flora.strategy import FloraStrategy
 
 
 def run_server(grid: Grid, config: RunConfig, resume: bool = False, progress=print,
@@ -22,21 +26,33 @@ def run_server(grid: Grid, config: RunConfig, resume: bool = False, progress=pri
     return server.metrics
 
 
-def make_server_app(config: RunConfig | None = None, resume: bool = False, progress=print,
-                    known_partitions: bool = False) -> ServerApp:
-    """A ServerApp for ``config`` (simulation), or one reading Flower's run config (``flwr run``;
-    ``--run-config "resume=true"`` continues from the out dir's checkpoint). ``known_partitions``: the
-    clients' partitions are the ones this server's config makes (:func:`flora.simulation.run_flower_simulation`);
-    a ServerApp started by ``flwr run`` cannot know what the SuperNodes hold."""
+def make_server_app(known_partitions: bool = False, progress=print) -> ServerApp:
+    """A ServerApp reading Flower's run config (:func:`flora.app_config.config_from_flower`: every RunConfig key,
+    plus ``config-file`` and ``resume``). ``known_partitions``: the clients' partitions are the ones this
+    server's config makes (a simulation started by ``flora run``); a deployment's server cannot know what
+    the SuperNodes hold."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_config = dict(context.run_config)
-        resume_run = resume or str(run_config.pop("resume", "false")).lower() in ("true", "1")
-        run_server(grid, config or config_from_run_config(run_config), resume_run, progress, known_partitions)
+        _log_to_stream()
+        config, resume = config_from_flower(dict(context.run_config), dict(grid.run.override_config))
+        run_server(grid, config, resume, progress, known_partitions)
 
     return server_app
 
 
-app = make_server_app()
+def _log_to_stream() -> None:
+    """The server's warnings (rejected updates, failed nodes) as ``[flora] WARNING: ...`` lines in this process's
+    output, which Flower's log stream carries to ``flwr run --stream`` / ``flwr log`` (and ``flora run``)."""
+    logger = logging.getLogger("flora")
+    if not any(getattr(h, "flora_stream", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[flora] %(levelname)s: %(message)s"))
+        handler.flora_stream = True
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+app = make_server_app()  # `flwr run .`: a deployment, or Flower's own local simulation
+simulation_app = make_server_app(known_partitions=True)  # `flora run` (flora/simulation.py)

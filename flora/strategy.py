@@ -12,7 +12,6 @@ Wire format (``ArrayRecord`` key → tensor, keys of ``flora/codec.py``; ``Confi
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -24,7 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 from flora.codec import updates_to_tensors
 from flora.config import RunConfig
 from flora.rounds import ClientReply
-from flora.runner import ResultsWriter, client_line, format_round
+from flora.runner import ResultsWriter, client_line, format_round, round_line
 from flora.server import FederationServer, public_record, round_clients
 from flora.wire_checks import ArrayMeta, ReplyView, decode_reply
 
@@ -57,10 +56,13 @@ class FloraStrategy(FedAvg):
         # Flower numbers this process's rounds from 1; a resumed run continues after its history.
         server_round = len(self.server.history) + 1
         self._round_started = time.perf_counter()
-        node_ids = sorted(grid.get_node_ids())
+        node_ids = wait_for_nodes(grid, self.config.min_clients, self.config.min_clients_wait, server_round)
         if self.config.spec.pooled:
             node_ids = node_ids[:1]  # one client holds all the training data
         chosen = [node_ids[i] for i in round_clients(self.config, len(node_ids), server_round)]
+        if not self.config.dp_enabled:  # with DP how many take part is an unprivatised statistic
+            self.progress(round_line(server_round, self.config.rounds,
+                                     f"{len(chosen)} of {len(node_ids)} connected nodes"))
         messages, self._bytes_down = [], 0
         for node_id in chosen:
             node = str(node_id)
@@ -128,6 +130,29 @@ class FloraStrategy(FedAvg):
                            applied=self.server.node_applied.get(node, 0))
 
 
+class NotEnoughNodes(RuntimeError):
+    """Fewer than ``min_clients`` nodes connected within ``min_clients_wait``."""
+
+
+def wait_for_nodes(grid: Grid, min_clients: int, wait: float, server_round: int, poll: float = 1.0) -> list[int]:
+    """The connected node ids once at least ``min_clients`` are connected; :class:`NotEnoughNodes` after
+    ``wait`` seconds with fewer (Flower's own sampling would wait forever)."""
+    deadline = time.monotonic() + wait
+    logged = False
+    while len(node_ids := sorted(grid.get_node_ids())) < min_clients:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise NotEnoughNodes(f"round {server_round}: {len(node_ids)} of min_clients = {min_clients} nodes "
+                                 f"connected after waiting min_clients_wait = {wait:g} s; start more SuperNodes "
+                                 f"or lower min_clients")
+        if not logged:
+            log.warning("round %d: %d of min_clients = %d nodes connected; waiting up to %g s", server_round,
+                        len(node_ids), min_clients, wait)
+            logged = True
+        time.sleep(min(poll, left))
+    return node_ids
+
+
 def reply_view(message: Message) -> ReplyView:
     """What :func:`~flora.wire_checks.decode_reply` needs of a reply, nothing materialised: record kinds,
     config and metrics scalars, and each array's metadata with a reference to its bytes."""
@@ -144,15 +169,3 @@ def reply_view(message: Message) -> ReplyView:
                                     stype=getattr(array, "stype", None), data=getattr(array, "data", None))
     return ReplyView(records=records, config=scalars("config", "ConfigRecord"),
                      metrics=scalars("metrics", "MetricRecord"), arrays=arrays)
-
-
-def config_from_run_config(run_config: dict) -> RunConfig:
-    """RunConfig from Flower's run config: ``flora-config`` (JSON), or ``config-file`` plus overrides
-    (``out-dir``, ``rounds``, ...; empty strings and zeros keep the file's value)."""
-    from flora.config import load_config
-
-    if run_config.get("flora-config"):
-        return RunConfig.from_dict(json.loads(str(run_config["flora-config"])), "run config")
-    overrides = [f"{k}={v}" for k, v in run_config.items()
-                 if k not in ("config-file", "flora-config", "resume") and v not in ("", 0)]
-    return load_config(run_config.get("config-file") or None, overrides)

@@ -204,7 +204,7 @@ done
 
 run_config="config-file='$CONFIG' resume=$RESUME"
 [[ -n "$ROUNDS" ]] && run_config+=" rounds=$ROUNDS"
-[[ -n "$OUT_DIR" ]] && run_config+=" out-dir='$(mkdir -p "$OUT_DIR" && cd "$OUT_DIR" && pwd)'"
+[[ -n "$OUT_DIR" ]] && run_config+=" out_dir='$(mkdir -p "$OUT_DIR" && cd "$OUT_DIR" && pwd)'"
 sleep 3
 echo "[deploy] flwr run . flora-deploy --run-config \"$run_config\""
 flwr run . flora-deploy --stream --run-config "$run_config"

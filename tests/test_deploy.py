@@ -133,13 +133,17 @@ def test_flwr_run_simulation_offline(tmp_path, tiny_tokenizer):
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]) + 2)
     try:
         done = subprocess.run([str(Path(bin_dir) / "flwr"), "run", ".", "--stream", "--federation-config",
-                               "num-supernodes=3", "--run-config", f"config-file='{config}'"], cwd=REPO, env=env,
+                               "num-supernodes=3", "--run-config",
+                               f"config-file='{config}' lr=0.002 method='zeropad' ranks='2,2,1'"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=400)
     finally:  # Flower leaves its local SuperLink running
         _kill_matching(f"--control-api-address 127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["clients_ok"], m["clients_failed"]) for m in metrics] == [(3, 0), (3, 0)]
+    import tomllib
+    saved = tomllib.loads((tmp_path / "out" / "config.toml").read_text())["run"]  # the --run-config keys won
+    assert (saved["lr"], saved["method"], saved["ranks"], saved["rounds"]) == (0.002, "zeropad", [2, 2, 1], 2)
 
 
 @pytest.mark.slow

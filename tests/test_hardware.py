@@ -128,15 +128,16 @@ def test_quantize_needs_bitsandbytes_and_a_supported_device(monkeypatch):
 
 def test_flower_client_resources():
     pytest.importorskip("flwr")
-    from flora.simulation import backend_config
+    from flora.simulation import federation_config
 
-    default = backend_config(RunConfig())
+    default = federation_config(RunConfig())
     import os
-    assert default["client_resources"] == {"num_cpus": os.cpu_count(), "num_gpus": 0.0}  # as before the keys
+    assert (default["client-resources-num-cpus"], default["client-resources-num-gpus"]) == (os.cpu_count(), 0.0)
     config = RunConfig(device="cuda", client_cpus=2, client_gpus=0.25)
-    assert backend_config(config)["client_resources"] == {"num_cpus": 2, "num_gpus": 0.25}
+    settings = federation_config(config)
+    assert (settings["client-resources-num-cpus"], settings["client-resources-num-gpus"]) == (2, 0.25)
     with pytest.raises(ConfigError, match="set client_gpus > 0"):
-        backend_config(RunConfig(device="cuda:0"))
+        federation_config(RunConfig(device="cuda:0"))
 
 
 def test_resume_accepts_resource_changes_and_older_checkpoints(tmp_path):
