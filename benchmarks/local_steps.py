@@ -1,0 +1,147 @@
+"""Does FLoRA's restart explain its gap to FedIT? (issue 20: "Test the explanation first")
+
+    python benchmarks/local_steps.py                 # all runs, most informative first; resumable
+    python benchmarks/local_steps.py --only ls2-flora-s0,ls2-fedit-s0
+    python benchmarks/local_steps.py --report        # tables from what has finished
+
+With equal ranks (16) FedIT ends below FLoRA in the ``full`` reproduction (3 rounds × 2 local steps).
+FLoRA merges every round's update and restarts each client from a fresh adapter with ``B = 0``, so the
+first local step gives ``A`` no gradient; FedIT continues from the averaged adapter. If the restart
+explains the gap, it should shrink as the local steps per round grow while the total token budget stays
+fixed (fewer rounds, fewer restarts). Runs: FLoRA, FedIT and (last) FLoRA-warm at 2, 8 and 32 local
+steps per round with rounds × local steps = 32 (16 × 2, 4 × 8, 1 × 32; FLoRA-warm not at 1 × 32, where
+its only round is FLoRA's), seeds 0, 1, 2; every other
+setting is the ``full`` profile's (10 clients, Dirichlet(0.5), batch 2, cutoff 128, 2,000 examples,
+lr 5e-4, 48 test conversations, 4 per client).
+
+Summaries go to ``benchmarks/results/local-steps/NAME.json`` (a run with a summary whose config matches
+is skipped, so the plan can be finished over several sessions); ``--report`` writes
+``benchmarks/results/local_steps.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+from statistics import mean, stdev
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reproduce import RESULTS, _row, base_config, run_one  # noqa: E402
+
+from flora.config import RunConfig  # noqa: E402
+
+SUMMARIES = RESULTS / "local-steps"
+TOTAL_STEPS = 32  # local steps per client over the whole run (rounds × local_steps)
+STEPS = (2, 32, 8)  # the two ends of the trend first
+PAIR = ("flora", "fedit")
+EXTRA = ("flora-warm",)
+SEEDS = (0, 1, 2)
+NAME = re.compile(r"ls(\d+)-(.+)-s(\d+)")
+
+
+def plan(out: Path) -> list[tuple[str, RunConfig]]:
+    """``(name, config)`` of every run, in the order they are run: seed 0 of the pair at every step count,
+    then seeds 1 and 2, then the extra methods."""
+    base = base_config("full", out)
+    runs = []
+    for methods, seeds in ((PAIR, SEEDS[:1]), (PAIR, SEEDS[1:]), (EXTRA, SEEDS)):
+        for seed in seeds:
+            for steps in STEPS:
+                for method in methods:
+                    if method in EXTRA and steps == TOTAL_STEPS:
+                        continue  # one round: a warm start has no global update to start from, FLoRA's run
+                    name = f"ls{steps}-{method}-s{seed}"
+                    runs.append((name, dataclasses.replace(base, out_dir=str(out / name), method=method, seed=seed,
+                                                           ranks=[16], local_steps=steps,
+                                                           rounds=TOTAL_STEPS // steps)))
+    return runs
+
+
+def finished(name: str, config: RunConfig) -> bool:
+    path = SUMMARIES / f"{name}.json"
+    return path.is_file() and json.loads(path.read_text())["config"] == json.loads(json.dumps(config.to_dict()))
+
+
+def report() -> str:
+    rows = {}
+    for path in sorted(SUMMARIES.glob("*.json")):
+        if match := NAME.fullmatch(path.stem):
+            row = _row(json.loads(path.read_text()))
+            rows[(int(match.group(1)), match.group(2), int(match.group(3)))] = row
+    methods = [m for m in PAIR + EXTRA if any(k[1] == m for k in rows)]
+    steps = [s for s in sorted(STEPS) if any(k[0] == s for k in rows)]
+    lines = [f"# Local steps per round at a fixed budget ({len(rows)} of {len(plan(Path('runs')))} runs done)\n",
+             f"rounds × local steps = {TOTAL_STEPS}; rank 16 for every client; otherwise the `full` profile "
+             f"(10 clients, Dirichlet(0.5), batch 2, cutoff 128, 2,000 examples, lr 5e-4, 48 test conversations). "
+             f"Final global test loss.\n",
+             "| local steps × rounds | method | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean | wall s (mean) |",
+             "|---|---|" + "---:|" * (len(SEEDS) + 2)]
+    for s in steps:
+        for m in methods:
+            got = {seed: rows[(s, m, seed)] for seed in SEEDS if (s, m, seed) in rows}
+            if not got:
+                continue
+            finals = [r["final_test_loss"] for r in got.values()]
+            cells = " | ".join(f"{got[seed]['final_test_loss']:.4f}" if seed in got else "–" for seed in SEEDS)
+            lines.append(f"| {s} × {TOTAL_STEPS // s} | {m} | {cells} | {mean(finals):.4f} (n={len(finals)}) | "
+                         f"{mean(r['wall_seconds'] for r in got.values()):.0f} |")
+    paired = {}
+    lines += ["", "## Paired by seed: final test loss of each method minus FedIT (negative: the method ends lower)\n",
+              "| local steps × rounds | difference | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean ± std |",
+              "|---|---|" + "---:|" * (len(SEEDS) + 1)]
+    for s in steps:
+        for m in methods:
+            if m == "fedit":
+                continue
+            per_seed = {seed: rows[(s, m, seed)]["final_test_loss"] - rows[(s, "fedit", seed)]["final_test_loss"]
+                        for seed in SEEDS if (s, m, seed) in rows and (s, "fedit", seed) in rows}
+            if not per_seed:
+                continue
+            values = list(per_seed.values())
+            spread = f" ± {stdev(values):.4f}" if len(values) > 1 else ""
+            paired[f"ls{s}: {m} - fedit"] = {"local_steps": s, "method": m, "per_seed": per_seed, "mean": mean(values),
+                                             "std": stdev(values) if len(values) > 1 else None}
+            cells = " | ".join(f"{per_seed[seed]:+.4f}" if seed in per_seed else "–" for seed in SEEDS)
+            lines.append(f"| {s} × {TOTAL_STEPS // s} | {m} − fedit | {cells} | {mean(values):+.4f}{spread} |")
+    lines += ["", "## Test loss per round (seed 0)\n", "| local steps × rounds | method | test loss per round |",
+              "|---|---|---|"]
+    for s in steps:
+        for m in methods:
+            if (row := rows.get((s, m, 0))) is not None:
+                lines.append(f"| {s} × {TOTAL_STEPS // s} | {m} | {' → '.join(f'{x:.4f}' for x in row['loss_per_round'])} |")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "local_steps.md").write_text(text)
+    (RESULTS / "local_steps.json").write_text(json.dumps(
+        {"total_steps": TOTAL_STEPS, "runs": {f"ls{k[0]}-{k[1]}-s{k[2]}": r for k, r in rows.items()},
+         "paired": paired}, indent=1))
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/local-steps", help="run directories (checkpoints)")
+    parser.add_argument("--only", default="", help="comma list of run names (default: all)")
+    parser.add_argument("--report", action="store_true", help="only rebuild the report from finished runs")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    if not args.report:
+        only = {n.strip() for n in args.only.split(",") if n.strip()}
+        runs = [r for r in plan(Path(args.out)) if not only or r[0] in only]
+        for index, (name, config) in enumerate(runs, start=1):
+            if finished(name, config):
+                print(f"[local-steps] {index}/{len(runs)} {name}: done earlier, skipped", flush=True)
+                continue
+            print(f"[local-steps] {index}/{len(runs)} {name}", flush=True)
+            summary = run_one(name, config, 0, "full", args.quiet, summaries=SUMMARIES)
+            print(f"[local-steps] {name}: final test loss {summary['metrics'][-1]['test_loss']:.4f}, "
+                  f"{summary['wall_seconds']:.0f} s", flush=True)
+            report()
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
