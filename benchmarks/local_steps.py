@@ -1,20 +1,22 @@
 """Does FLoRA's restart explain its gap to FedIT? (issue 20: "Test the explanation first")
 
     python benchmarks/local_steps.py                 # all runs, most informative first; resumable
-    python benchmarks/local_steps.py --only ls2-flora-s0,ls2-fedit-s0
+    python benchmarks/local_steps.py --total-steps 8 --steps 2,8,4 --client-eval 0   # a quarter of the budget
+    python benchmarks/local_steps.py --only ls2x16-flora-s0,ls2x16-fedit-s0
     python benchmarks/local_steps.py --report        # tables from what has finished
 
 With equal ranks (16) FedIT ends below FLoRA in the ``full`` reproduction (3 rounds × 2 local steps).
 FLoRA merges every round's update and restarts each client from a fresh adapter with ``B = 0``, so the
 first local step gives ``A`` no gradient; FedIT continues from the averaged adapter. If the restart
 explains the gap, it should shrink as the local steps per round grow while the total token budget stays
-fixed (fewer rounds, fewer restarts). Runs: FLoRA, FedIT and (last) FLoRA-warm at 2, 8 and 32 local
-steps per round with rounds × local steps = 32 (16 × 2, 4 × 8, 1 × 32; FLoRA-warm not at 1 × 32, where
-its only round is FLoRA's), seeds 0, 1, 2; every other
+fixed (fewer rounds, fewer restarts). Runs (default budget): FLoRA, FedIT and (last) FLoRA-warm at 2, 32
+and 8 local steps per round with rounds × local steps = 32 (16 × 2, 1 × 32, 4 × 8; FLoRA-warm not at
+1 × 32, where its only round is FLoRA's), seeds 0, 1, 2; every other
 setting is the ``full`` profile's (10 clients, Dirichlet(0.5), batch 2, cutoff 128, 2,000 examples,
 lr 5e-4, 48 test conversations, 4 per client).
 
-Summaries go to ``benchmarks/results/local-steps/NAME.json`` (a run with a summary whose config matches
+Run names are ``lSxR-METHOD-sSEED`` (S local steps × R rounds). Summaries go to
+``benchmarks/results/local-steps/NAME.json`` (a run with a summary whose config matches
 is skipped, so the plan can be finished over several sessions); ``--report`` writes
 ``benchmarks/results/local_steps.{json,md}``.
 """

@@ -76,3 +76,66 @@ def test_mixed_lora_and_adalora_federation_records_effective_ranks(tmp_path, tin
         assert record["sum_local_ranks"] == 12.0
         assert record["bytes_saved_vs_initial_rank"] > 0
         assert record["aggregation_error"] < 1e-4  # stacking is exact for any mix of ranks
+
+
+def test_orthonormal_rows_are_orthonormal_and_seeded():
+    from flora.lora.adalora import orthonormal_rows
+
+    torch.manual_seed(0)
+    Q = orthonormal_rows(5, 12)
+    assert Q.shape == (5, 12)
+    assert float((Q @ Q.T - torch.eye(5)).abs().max()) < 1e-5
+    torch.manual_seed(0)
+    assert torch.equal(orthonormal_rows(5, 12), Q)
+    with pytest.raises(ValueError, match="7 rows cannot be orthonormal in 4"):
+        orthonormal_rows(7, 4)
+
+
+def test_orthonormal_init_starts_at_the_svd_form_with_zero_update(tiny_model):
+    """``init = orthonormal``: P's columns and Q's rows orthonormal (the regulariser's minimum), Λ = 0, so ΔW = 0."""
+    from flora.adapters import LoraSpec
+    from flora.lora.adalora import adalora_layers
+    from flora.train import attach_adapter, detach_adapter
+
+    spec = LoraSpec(rank=6, alpha=12, targets=("q_proj", "down_proj"), adapter="adalora", init="orthonormal")
+    model = attach_adapter(tiny_model, spec, init_seed=0, total_steps=10)
+    try:
+        layers = list(adalora_layers(model))
+        assert len(layers) == 4
+        for _, module in layers:
+            Q, P, E = (module.lora_A["default"].detach(), module.lora_B["default"].detach(),
+                       module.lora_E["default"].detach())
+            assert float((Q @ Q.T - torch.eye(6)).abs().max()) < 1e-5
+            assert float((P.T @ P - torch.eye(6)).abs().max()) < 1e-5
+            assert float(E.abs().max()) == 0.0
+            assert float(module.get_delta_weight("default").abs().max()) == 0.0
+        assert float(spec.kind.regulariser(model, spec)) < 1e-4
+    finally:
+        detach_adapter(model)
+
+
+def _update_norm(model, tokenizer, examples, spec, steps=4, lr=5e-4) -> float:
+    from flora.train import TrainSpec, train_client
+
+    result = train_client(model, tokenizer, examples, spec, TrainSpec(steps=steps, batch_size=4, micro_batch_size=4,
+                                                                      lr=lr, seed=1), init_seed=3)
+    return float(torch.sqrt(sum(((B @ A) ** 2).sum() for A, B in result.factors.values())))
+
+
+def test_adalora_keys_bring_its_update_to_loras_size(tiny_model, tiny_tokenizer, records):
+    """peft's start (P, Q ~ N(0, 0.02²), Λ = 0) at the run's lr barely moves in a few steps (issue 20: ~300x smaller
+    than LoRA's update); the orthonormal start and AdaLoRA's own learning rate bring it to LoRA's size."""
+    from flora.adapters import LoraSpec
+    from flora.data.tokenize import encode_all
+
+    examples, _ = encode_all(tiny_tokenizer, records, 64)
+    common = dict(rank=8, alpha=16, dropout=0.0)
+    lora = _update_norm(tiny_model, tiny_tokenizer, examples, LoraSpec(**common))
+    peft_start = _update_norm(tiny_model, tiny_tokenizer, examples, LoraSpec(**common, adapter="adalora"))
+    orthonormal = _update_norm(tiny_model, tiny_tokenizer, examples,
+                               LoraSpec(**common, adapter="adalora", init="orthonormal"))
+    own_lr = _update_norm(tiny_model, tiny_tokenizer, examples,
+                          LoraSpec(**common, adapter="adalora", init="orthonormal", lr_ratio=8.0))
+    assert lora / peft_start > 50  # the problem
+    assert 2 < lora / orthonormal < 20  # the start alone: P Q of unit scale, Λ still moves at the run's lr
+    assert 0.5 < lora / own_lr < 2  # with its own learning rate: within a factor 2 of LoRA's update

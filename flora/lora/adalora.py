@@ -28,17 +28,30 @@ def adalora_to_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, lora_E: torch
     return A, B
 
 
-def extract_adalora_factors(peft_model, adapter: str = "default") -> dict[str, Factors]:
-    """``{base-model layer name: (A, B)}`` for every AdaLoRA layer of ``peft_model``."""
+def adalora_layers(peft_model, adapter: str = "default"):
+    """``(base-model layer name, peft AdaLoRA module)`` for every AdaLoRA layer of ``peft_model``."""
     from peft.tuners.adalora.layer import AdaLoraLayer
 
-    factors = {}
     for name, module in peft_model.named_modules():
         if isinstance(module, AdaLoraLayer) and adapter in module.lora_A:
-            layer = name.removeprefix("base_model.model.")
-            factors[layer] = adalora_to_factors(module.lora_A[adapter], module.lora_B[adapter],
-                                                module.lora_E[adapter], module.scaling[adapter],
-                                                float(module.ranknum[adapter]))
+            yield name.removeprefix("base_model.model."), module
+
+
+def orthonormal_rows(rows: int, columns: int) -> torch.Tensor:
+    """A random ``(rows, columns)`` matrix with orthonormal rows (``rows <= columns``; torch's global generator):
+    the Q of a Gaussian matrix's QR decomposition, signs fixed so the draw is uniform (Haar)."""
+    if rows > columns:
+        raise ValueError(f"orthonormal_rows: {rows} rows cannot be orthonormal in {columns} dimensions")
+    q, r = torch.linalg.qr(torch.randn(columns, rows))
+    return (q * torch.sign(torch.diagonal(r))).T.contiguous()
+
+
+def extract_adalora_factors(peft_model, adapter: str = "default") -> dict[str, Factors]:
+    """``{base-model layer name: (A, B)}`` for every AdaLoRA layer of ``peft_model``."""
+    factors = {}
+    for layer, module in adalora_layers(peft_model, adapter):
+        factors[layer] = adalora_to_factors(module.lora_A[adapter], module.lora_B[adapter], module.lora_E[adapter],
+                                            module.scaling[adapter], float(module.ranknum[adapter]))
     return factors
 
 
