@@ -45,15 +45,16 @@ SEEDS = (0, 1, 2)
 NAME = re.compile(r"ls(\d+)x(\d+)-(.+)-s(\d+)")
 
 
-def plan(out: Path, total: int = TOTAL_STEPS, steps: tuple[int, ...] = STEPS, client_eval: int = 4
-         ) -> list[tuple[str, RunConfig]]:
+def plan(out: Path, total: int = TOTAL_STEPS, steps: tuple[int, ...] = STEPS, client_eval: int = 4,
+         threads: int = 0) -> list[tuple[str, RunConfig]]:
     """``(name, config)`` of every run, in the order they are run: seed 0 of the pair at every step count,
     then seeds 1 and 2, then the extra methods. ``total``: local steps per client over the run (rounds × local
     steps); ``client_eval``: examples of each client's own test split scored every round (the profile's 4;
-    0 saves evaluation time and changes no training)."""
+    0 saves evaluation time and changes no training); ``threads``: torch threads (0 = torch's default; 1 wastes
+    least on a machine with more runnable processes than cores)."""
     if any(total % s for s in steps):
         raise ValueError(f"--steps {steps}: every value must divide --total-steps {total}")
-    base = dataclasses.replace(base_config("full", out), client_eval_examples=client_eval)
+    base = dataclasses.replace(base_config("full", out), client_eval_examples=client_eval, threads=threads)
     runs = []
     for methods, seeds in ((PAIR, SEEDS[:1]), (PAIR, SEEDS[1:]), (EXTRA, SEEDS)):
         for seed in seeds:
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--total-steps", type=int, default=TOTAL_STEPS, help="rounds × local steps of every run")
     parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="local steps per round, in run order")
     parser.add_argument("--client-eval", type=int, default=4, help="client_eval_examples (0: global test loss only)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     parser.add_argument("--only", default="", help="comma list of run names (default: all)")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from finished runs")
     parser.add_argument("--quiet", action="store_true")
@@ -140,7 +142,8 @@ def main() -> None:
     if not args.report:
         only = {n.strip() for n in args.only.split(",") if n.strip()}
         steps = tuple(int(s) for s in args.steps.split(","))
-        runs = [r for r in plan(Path(args.out), args.total_steps, steps, args.client_eval) if not only or r[0] in only]
+        runs = [r for r in plan(Path(args.out), args.total_steps, steps, args.client_eval,
+                                                 args.threads) if not only or r[0] in only]
         for index, (name, config) in enumerate(runs, start=1):
             if finished(name, config):
                 print(f"[local-steps] {index}/{len(runs)} {name}: done earlier, skipped", flush=True)
