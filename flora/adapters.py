@@ -34,7 +34,8 @@ class LoraSpec:
     warmup_fraction: float = 0.1  # AdaLoRA: share of the steps before pruning (tinit) ...
     final_fraction: float = 0.2  # ... and at the final budget (tfinal)
     init: str = "gaussian"  # AdaLoRA's P, Q at the start: peft's N(0, 0.02²), or "orthonormal" (ADALORA_INITS)
-    lr_ratio: float = 1.0  # AdaLoRA: learning rate of its P, Λ, Q as a multiple of the run's lr
+    lr_ratio: float = 1.0  # AdaLoRA: learning rate of its singular vectors P, Q as a multiple of the run's lr
+    value_lr_ratio: float = 1.0  # AdaLoRA: learning rate of its singular values Λ as a multiple of the run's lr
 
     @property
     def kind(self) -> LoraKind | AdaLoraKind:
@@ -113,8 +114,11 @@ class AdaLoraKind:
                 P.copy_(orthonormal_rows(P.shape[1], P.shape[0]).T)
 
     def param_groups(self, peft_model, lora: LoraSpec, lr: float) -> list[dict]:
-        """Every trainable parameter (P, Λ, Q) at ``lr × lora.lr_ratio``: AdaLoRA's own learning rate."""
-        return [{"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": lr * lora.lr_ratio}]
+        """AdaLoRA's own learning rates: the singular vectors P, Q at ``lr × lora.lr_ratio``, the singular values Λ
+        (``lora_E``) at ``lr × lora.value_lr_ratio``."""
+        params = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+        return [{"params": [p for n, p in params if "lora_E" not in n], "lr": lr * lora.lr_ratio},
+                {"params": [p for n, p in params if "lora_E" in n], "lr": lr * lora.value_lr_ratio}]
 
     def regulariser(self, peft_model, lora: LoraSpec) -> torch.Tensor | None:
         """AdaLoRA's orthogonality term, as peft adds it in ``AdaLoraModel.forward`` (our loss does not go

@@ -28,7 +28,8 @@ def lora_spec(config: RunConfig, rank: int, client: int = 0) -> LoraSpec:
                     targets=tuple(config.targets), freeze_a=config.spec.freeze_a, adapter=adapter,
                     target_rank=max(1, round(rank * config.adalora_target_ratio)),
                     warmup_fraction=config.adalora_warmup, final_fraction=config.adalora_final,
-                    init=config.adalora_init, lr_ratio=config.adalora_lr_ratio)
+                    init=config.adalora_init, lr_ratio=config.adalora_lr_ratio,
+                    value_lr_ratio=config.adalora_value_lr_ratio)
 
 
 def train_seed(config: RunConfig, round_: int, client: int) -> int:

@@ -65,7 +65,8 @@ class RunConfig:
     adalora_warmup: float = 0.1  # AdaLoRA budget schedule: fraction of local steps before pruning starts (tinit)
     adalora_final: float = 0.2  # ... and fraction at the end trained at the final budget (tfinal)
     adalora_init: str = "gaussian"  # AdaLoRA's P, Q at the start: gaussian (peft's std 0.02) | orthonormal
-    adalora_lr_ratio: float = 1.0  # AdaLoRA's learning rate (P, Λ, Q) as a multiple of lr
+    adalora_lr_ratio: float = 1.0  # AdaLoRA's learning rate of its singular vectors P, Q, as a multiple of lr
+    adalora_value_lr_ratio: float = 1.0  # ... and of its singular values Λ
     alpha_per_rank: float = 2.0  # alpha_k = alpha_per_rank * r_k (the paper's scaling 2 for every rank)
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -154,8 +155,9 @@ class RunConfig:
                               f"expected fractions >= 0 with a sum < 1")
         if self.adalora_init not in ADALORA_INITS:
             raise ConfigError(f"adalora_init = {self.adalora_init!r}: expected one of {', '.join(ADALORA_INITS)}")
-        if not (math.isfinite(self.adalora_lr_ratio) and self.adalora_lr_ratio > 0):
-            raise ConfigError(f"adalora_lr_ratio = {self.adalora_lr_ratio}: expected a finite multiple of lr > 0")
+        for key in ("adalora_lr_ratio", "adalora_value_lr_ratio"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise ConfigError(f"{key} = {getattr(self, key)}: expected a finite multiple of lr > 0")
         if not 0 < self.adalora_target_ratio <= 1:
             raise ConfigError(f"adalora_target_ratio = {self.adalora_target_ratio}: expected a value in (0, 1]")
         if not self.round_timeout > 0:

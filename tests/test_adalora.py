@@ -135,7 +135,43 @@ def test_adalora_keys_bring_its_update_to_loras_size(tiny_model, tiny_tokenizer,
     orthonormal = _update_norm(tiny_model, tiny_tokenizer, examples,
                                LoraSpec(**common, adapter="adalora", init="orthonormal"))
     own_lr = _update_norm(tiny_model, tiny_tokenizer, examples,
-                          LoraSpec(**common, adapter="adalora", init="orthonormal", lr_ratio=8.0))
+                          LoraSpec(**common, adapter="adalora", init="orthonormal", lr_ratio=8.0,
+                                   value_lr_ratio=8.0))
     assert lora / peft_start > 50  # the problem
     assert 2 < lora / orthonormal < 20  # the start alone: P Q of unit scale, Λ still moves at the run's lr
     assert 0.5 < lora / own_lr < 2  # with its own learning rate: within a factor 2 of LoRA's update
+
+
+def test_singular_values_and_vectors_get_their_own_learning_rates(tiny_model):
+    from flora.adapters import LoraSpec
+    from flora.train import attach_adapter, detach_adapter
+
+    spec = LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"), adapter="adalora", lr_ratio=3.0, value_lr_ratio=50.0)
+    model = attach_adapter(tiny_model, spec, init_seed=0, total_steps=4)
+    try:
+        groups = spec.kind.param_groups(model, spec, 1e-3)
+        names = {id(p): n for n, p in model.named_parameters()}
+        by_lr = {round(g["lr"], 9): sorted(names[id(p)].split(".")[-2] for p in g["params"]) for g in groups}
+        assert by_lr == {3e-3: ["lora_A"] * 4 + ["lora_B"] * 4, 5e-2: ["lora_E"] * 4}
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trainable)  # each exactly once
+    finally:
+        detach_adapter(model)
+    lora = LoraSpec(rank=4, alpha=8, targets=("q_proj",), lr_ratio=3.0, value_lr_ratio=50.0)  # plain LoRA: the run's lr
+    model = attach_adapter(tiny_model, lora, init_seed=0)
+    try:
+        assert [g["lr"] for g in lora.kind.param_groups(model, lora, 1e-3)] == [1e-3]
+    finally:
+        detach_adapter(model)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("adalora_init", "svd", "adalora_init = 'svd': expected one of gaussian, orthonormal"),
+    ("adalora_lr_ratio", 0.0, "adalora_lr_ratio = 0.0: expected a finite multiple of lr > 0"),
+    ("adalora_value_lr_ratio", float("inf"), "adalora_value_lr_ratio = inf: expected a finite"),
+])
+def test_adalora_keys_are_validated(key, value, message):
+    from flora.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**{key: value})
