@@ -75,7 +75,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--inits", default="gaussian,orthonormal")
     parser.add_argument("--ratios", default="1,4,8,16,32,64", help="adalora_lr_ratio (P, Q)")
-    parser.add_argument("--value-ratios", default="same", help="adalora_value_lr_ratio (Λ); same: = adalora_lr_ratio")
+    parser.add_argument("--value-ratios", default="same", help="adalora_value_lr_ratio (Λ); same = adalora_lr_ratio")
+    parser.add_argument("--orth", type=float, default=0.5, help="AdaLoRA's orthogonality weight (peft's default 0.5)")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -87,22 +88,23 @@ def main() -> None:
     rows = []
     for init in args.inits.split(","):
         for ratio in (float(r) for r in args.ratios.split(",")):
-            values = [ratio] if args.value_ratios == "same" else [float(r) for r in args.value_ratios.split(",")]
+            values = [ratio if r == "same" else float(r) for r in args.value_ratios.split(",")]
             for value in values:
                 row = measure(model, tokenizer, train, test, LoraSpec(**common, adapter="adalora", init=init,
-                                                                       lr_ratio=ratio, value_lr_ratio=value), **run)
+                                                                       lr_ratio=ratio, value_lr_ratio=value,
+                                                                       orth_reg_weight=args.orth), **run)
                 rows.append({"init": init, "lr_ratio": ratio, "value_lr_ratio": value, **row,
                              "norm_ratio": lora["update_norm"] / row["update_norm"]})
                 print(rows[-1], flush=True)
     lines = [f"# AdaLoRA's start and learning rate, one client, {args.model} model\n",
              f"{args.steps} optimizer steps at lr {args.lr:g}, batch {batch}, rank {common['rank']} (AdaLoRA: target "
-             f"rank {common.get('target_rank') or common['rank'] // 2}); loss before {before:.4f}, after LoRA "
+             f"rank {common.get('target_rank') or common['rank'] // 2}, orthogonality weight {args.orth:g}); loss before {before:.4f}, after LoRA "
              f"{lora['loss']:.4f} (change {lora['loss'] - before:+.4f}), LoRA ‖ΔW‖ = {lora['update_norm']:.4f}.\n",
              "| adalora_init | adalora_lr_ratio (P, Q) | adalora_value_lr_ratio (Λ) | ‖ΔW‖ | LoRA's ‖ΔW‖ / this | "
              "loss change | vs LoRA's change | mean rank |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         change = r["loss"] - before
-        lines.append(f"| {r['init']} | {r['lr_ratio']:g} | {r['value_lr_ratio']:g} | {r['update_norm']:.4f} | {r['norm_ratio']:.1f} | "
+        lines.append(f"| {r['init']} | {r['lr_ratio']:g} | {r['value_lr_ratio']:g} | {r['update_norm']:.4f} | {r['norm_ratio']:.3g} | "
                      f"{change:+.4f} | {change / (lora['loss'] - before):.2f} | {r['mean_rank']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -67,6 +67,7 @@ class RunConfig:
     adalora_init: str = "gaussian"  # AdaLoRA's P, Q at the start: gaussian (peft's std 0.02) | orthonormal
     adalora_lr_ratio: float = 1.0  # AdaLoRA's learning rate of its singular vectors P, Q, as a multiple of lr
     adalora_value_lr_ratio: float = 1.0  # ... and of its singular values Λ
+    adalora_orth_weight: float = 0.5  # AdaLoRA's orthogonality regulariser on P and Q (peft's default 0.5)
     alpha_per_rank: float = 2.0  # alpha_k = alpha_per_rank * r_k (the paper's scaling 2 for every rank)
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -155,6 +156,8 @@ class RunConfig:
                               f"expected fractions >= 0 with a sum < 1")
         if self.adalora_init not in ADALORA_INITS:
             raise ConfigError(f"adalora_init = {self.adalora_init!r}: expected one of {', '.join(ADALORA_INITS)}")
+        if not (math.isfinite(self.adalora_orth_weight) and self.adalora_orth_weight >= 0):
+            raise ConfigError(f"adalora_orth_weight = {self.adalora_orth_weight}: expected a finite weight >= 0")
         for key in ("adalora_lr_ratio", "adalora_value_lr_ratio"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
                 raise ConfigError(f"{key} = {getattr(self, key)}: expected a finite multiple of lr > 0")

@@ -169,9 +169,21 @@ def test_singular_values_and_vectors_get_their_own_learning_rates(tiny_model):
     ("adalora_init", "svd", "adalora_init = 'svd': expected one of gaussian, orthonormal"),
     ("adalora_lr_ratio", 0.0, "adalora_lr_ratio = 0.0: expected a finite multiple of lr > 0"),
     ("adalora_value_lr_ratio", float("inf"), "adalora_value_lr_ratio = inf: expected a finite"),
+    ("adalora_orth_weight", -0.1, "adalora_orth_weight = -0.1: expected a finite weight >= 0"),
 ])
 def test_adalora_keys_are_validated(key, value, message):
     from flora.config import ConfigError, RunConfig
 
     with pytest.raises(ConfigError, match=message):
         RunConfig(**{key: value})
+
+
+def test_client_passes_every_adalora_key_to_its_adapter():
+    from flora.client import lora_spec
+    from flora.config import RunConfig
+
+    config = RunConfig(adapters=["adalora"], ranks=[16], adalora_init="orthonormal", adalora_lr_ratio=2.0,
+                       adalora_value_lr_ratio=64.0, adalora_orth_weight=0.0, adalora_target_ratio=0.25)
+    spec = lora_spec(config, 16, 0)
+    assert (spec.adapter, spec.init, spec.lr_ratio, spec.value_lr_ratio, spec.orth_reg_weight, spec.target_rank) == \
+        ("adalora", "orthonormal", 2.0, 64.0, 0.0, 4)
