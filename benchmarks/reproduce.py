@@ -110,7 +110,8 @@ def summary_dir(profile: str) -> Path:
     return RESULTS / f"reproduce-{profile}"
 
 
-def run_one(name: str, config: RunConfig, mmlu: int, profile: str, quiet: bool) -> dict:
+def run_one(name: str, config: RunConfig, mmlu: int, profile: str, quiet: bool, summaries: Path | None = None) -> dict:
+    """Run ``config`` in process and write its summary to ``summaries`` (default: the profile's directory)."""
     from flora.engines import run
     from flora.report import read_metrics
 
@@ -121,7 +122,7 @@ def run_one(name: str, config: RunConfig, mmlu: int, profile: str, quiet: bool) 
                "metrics": read_metrics(Path(config.out_dir))}
     if mmlu:
         score_mmlu(summary, config, mmlu)
-    path = summary_dir(profile) / f"{name}.json"
+    path = (summaries or summary_dir(profile)) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(summary), indent=1))
     return summary

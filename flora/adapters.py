@@ -17,6 +17,7 @@ from flora.lora.factors import Factors
 
 ADAPTER = "default"  # peft's adapter name
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADALORA_INITS = ("gaussian", "orthonormal")  # AdaLoRA's P and Q at the start (Λ = 0 either way: ΔW = 0)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class LoraSpec:
     orth_reg_weight: float = 0.5  # AdaLoRA's orthogonality regulariser on P and Q
     warmup_fraction: float = 0.1  # AdaLoRA: share of the steps before pruning (tinit) ...
     final_fraction: float = 0.2  # ... and at the final budget (tfinal)
+    init: str = "gaussian"  # AdaLoRA's P, Q at the start: peft's N(0, 0.02²), or "orthonormal" (ADALORA_INITS)
+    lr_ratio: float = 1.0  # AdaLoRA: learning rate of its singular vectors P, Q as a multiple of the run's lr
+    value_lr_ratio: float = 1.0  # AdaLoRA: learning rate of its singular values Λ as a multiple of the run's lr
 
     @property
     def kind(self) -> LoraKind | AdaLoraKind:
@@ -57,6 +61,12 @@ class LoraKind:
         from peft import LoraConfig
         return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=list(lora.targets), use_rslora=lora.rslora, bias="none")
+
+    def initialise(self, peft_model, lora: LoraSpec) -> None:
+        return None
+
+    def param_groups(self, peft_model, lora: LoraSpec, lr: float) -> list[dict]:
+        return [{"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": lr}]
 
     def regulariser(self, peft_model, lora: LoraSpec) -> torch.Tensor | None:
         return None
@@ -89,6 +99,26 @@ class AdaLoraKind:
                              total_step=total_steps, tinit=int(total_steps * lora.warmup_fraction),
                              tfinal=int(total_steps * lora.final_fraction), deltaT=1,
                              orth_reg_weight=lora.orth_reg_weight)
+
+    def initialise(self, peft_model, lora: LoraSpec) -> None:
+        """``orthonormal``: P's columns and Q's rows start as random orthonormal vectors (the SVD form the
+        orthogonality regulariser pulls towards, so it starts at its minimum); Λ stays 0, so ΔW = 0 as in the
+        paper. ``gaussian`` keeps peft's N(0, 0.02²). Draws from torch's global generator (seeded by the caller)."""
+        if lora.init == "gaussian":
+            return
+        from flora.lora.adalora import adalora_layers, orthonormal_rows
+        with torch.no_grad():
+            for _, module in adalora_layers(peft_model, ADAPTER):
+                Q, P = module.lora_A[ADAPTER], module.lora_B[ADAPTER]
+                Q.copy_(orthonormal_rows(Q.shape[0], Q.shape[1]))
+                P.copy_(orthonormal_rows(P.shape[1], P.shape[0]).T)
+
+    def param_groups(self, peft_model, lora: LoraSpec, lr: float) -> list[dict]:
+        """AdaLoRA's own learning rates: the singular vectors P, Q at ``lr × lora.lr_ratio``, the singular values Λ
+        (``lora_E``) at ``lr × lora.value_lr_ratio``."""
+        params = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+        return [{"params": [p for n, p in params if "lora_E" not in n], "lr": lr * lora.lr_ratio},
+                {"params": [p for n, p in params if "lora_E" in n], "lr": lr * lora.value_lr_ratio}]
 
     def regulariser(self, peft_model, lora: LoraSpec) -> torch.Tensor | None:
         """AdaLoRA's orthogonality term, as peft adds it in ``AdaLoraModel.forward`` (our loss does not go

@@ -27,7 +27,9 @@ def lora_spec(config: RunConfig, rank: int, client: int = 0) -> LoraSpec:
     return LoraSpec(rank=rank, alpha=config.alpha_per_rank * rank, dropout=config.dropout,
                     targets=tuple(config.targets), freeze_a=config.spec.freeze_a, adapter=adapter,
                     target_rank=max(1, round(rank * config.adalora_target_ratio)),
-                    warmup_fraction=config.adalora_warmup, final_fraction=config.adalora_final)
+                    warmup_fraction=config.adalora_warmup, final_fraction=config.adalora_final,
+                    init=config.adalora_init, lr_ratio=config.adalora_lr_ratio,
+                    value_lr_ratio=config.adalora_value_lr_ratio, orth_reg_weight=config.adalora_orth_weight)
 
 
 def train_seed(config: RunConfig, round_: int, client: int) -> int:

@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flora.adapters import ADAPTER_KINDS, DEFAULT_TARGETS
+from flora.adapters import ADALORA_INITS, ADAPTER_KINDS, DEFAULT_TARGETS
 from flora.lora.methods import METHODS, MethodSpec
 from flora.lora.warm import SOURCES, SPLITS
 
@@ -66,6 +66,10 @@ class RunConfig:
     adalora_target_ratio: float = 0.5  # AdaLoRA: target average rank = ratio x the client's initial rank
     adalora_warmup: float = 0.1  # AdaLoRA budget schedule: fraction of local steps before pruning starts (tinit)
     adalora_final: float = 0.2  # ... and fraction at the end trained at the final budget (tfinal)
+    adalora_init: str = "gaussian"  # AdaLoRA's P, Q at the start: gaussian (peft's std 0.02) | orthonormal
+    adalora_lr_ratio: float = 1.0  # AdaLoRA's learning rate of its singular vectors P, Q, as a multiple of lr
+    adalora_value_lr_ratio: float = 1.0  # ... and of its singular values Λ
+    adalora_orth_weight: float = 0.5  # AdaLoRA's orthogonality regulariser on P and Q (peft's default 0.5)
     alpha_per_rank: float = 2.0  # alpha_k = alpha_per_rank * r_k (the paper's scaling 2 for every rank)
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -153,6 +157,13 @@ class RunConfig:
         if not (0 <= self.adalora_warmup and 0 <= self.adalora_final and self.adalora_warmup + self.adalora_final < 1):
             raise ConfigError(f"adalora_warmup = {self.adalora_warmup}, adalora_final = {self.adalora_final}: "
                               f"expected fractions >= 0 with a sum < 1")
+        if self.adalora_init not in ADALORA_INITS:
+            raise ConfigError(f"adalora_init = {self.adalora_init!r}: expected one of {', '.join(ADALORA_INITS)}")
+        if not (math.isfinite(self.adalora_orth_weight) and self.adalora_orth_weight >= 0):
+            raise ConfigError(f"adalora_orth_weight = {self.adalora_orth_weight}: expected a finite weight >= 0")
+        for key in ("adalora_lr_ratio", "adalora_value_lr_ratio"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise ConfigError(f"{key} = {getattr(self, key)}: expected a finite multiple of lr > 0")
         if not 0 < self.adalora_target_ratio <= 1:
             raise ConfigError(f"adalora_target_ratio = {self.adalora_target_ratio}: expected a value in (0, 1]")
         for key in ("round_timeout", "min_clients_wait"):

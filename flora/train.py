@@ -75,6 +75,7 @@ def attach_adapter(model: torch.nn.Module, lora: LoraSpec, init_seed: int,
                          f"e.g. 'flora')")
     torch.manual_seed(init_seed)
     peft_model = get_peft_model(model, kind.peft_config(lora, total_steps))
+    kind.initialise(peft_model, lora)
     if init_factors is not None:
         set_adapter_factors(peft_model, init_factors, fill_fresh=fill_fresh)
     if lora.freeze_a:
@@ -180,7 +181,8 @@ def train_client(model: torch.nn.Module, tokenizer, examples: Sequence[Example],
     try:
         torch.manual_seed(train.seed)  # LoRA dropout
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        optimizer = torch.optim.AdamW(kind.param_groups(peft_model, lora, train.lr), lr=train.lr,
+                                      weight_decay=train.weight_decay)
         scheduler = make_scheduler(optimizer, train)
         pad_id = pad_token_id(tokenizer)
         peft_model.train()

@@ -84,3 +84,22 @@ def test_a_summary_from_before_a_key_existed_matches_only_at_that_keys_default(t
     assert not reproduce.same_config(recorded, reproduce.dataclasses.replace(config, warm_split="balanced"))
     assert not reproduce.same_config({**recorded, "lr": config.lr * 2}, config)
     assert not reproduce.same_config({**recorded, "retired_key": 1}, config)
+
+
+def test_local_steps_plan_keeps_the_budget_and_runs_the_pairs_first(tmp_path):
+    spec = importlib.util.spec_from_file_location("local_steps", Path(__file__).parents[1] / "benchmarks" / "local_steps.py")
+    local_steps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local_steps)
+    runs = local_steps.plan(tmp_path)
+    names = [name for name, _ in runs]
+    assert len(names) == len(set(names)) == 3 * 3 * 2 + 3 * 2  # pair x steps x seeds, FLoRA-warm not at 1 round
+    assert names[:6] == ["ls2x16-flora-s0", "ls2x16-fedit-s0", "ls32x1-flora-s0", "ls32x1-fedit-s0",
+                         "ls8x4-flora-s0", "ls8x4-fedit-s0"]
+    assert all("flora-warm" in n for n in names[18:])
+    for name, config in runs:
+        assert config.rounds * config.local_steps == 32 and config.ranks == [16] and config.num_clients == 10
+        assert (config.batch_size, config.cutoff, config.max_examples, config.lr) == (2, 128, 2000, 5e-4)
+        assert name == f"ls{config.local_steps}x{config.rounds}-{config.method}-s{config.seed}"
+    assert {c.client_eval_examples for _, c in local_steps.plan(tmp_path, 8, (2, 8, 4), 0)} == {0}
+    with pytest.raises(ValueError, match="must divide"):
+        local_steps.plan(tmp_path, 8, (3,))

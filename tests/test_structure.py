@@ -95,7 +95,7 @@ NOT_ASSET_FIELDS = {
     "max_update_norm", "clip_update_norm", "outlier_mad", "broadcast", "round_timeout", "warm_source", "warm_split",
     "dp_noise_multiplier",
     "dp_clip_norm", "dp_delta", "dp_broadcast_rank", "dp_noise_seed", "adapters", "adalora_target_ratio",
-    "adalora_warmup", "adalora_final", "alpha_per_rank", "dropout", "targets", "local_steps", "batch_size",
+    "adalora_warmup", "adalora_final", "adalora_init", "adalora_lr_ratio", "adalora_value_lr_ratio", "adalora_orth_weight", "alpha_per_rank", "dropout", "targets", "local_steps", "batch_size",
     "micro_batch_size", "lr", "eval_examples", "client_eval_examples", "threads", "out_dir",
     "lr_schedule", "warmup_steps", "gradient_checkpointing", "client_cpus", "client_gpus", "max_client_weight",
     "min_clients_wait", "report_to",
