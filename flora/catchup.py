@@ -7,9 +7,10 @@ merges (``[B_s … B_t] [A_s; …; A_t] = Σ B_i A_i`` exactly; the same bytes a
 where that is larger, their dense sum (float64 sum, one float32 matrix: ``out · in`` values), the last
 global adapter only (a continuing method's earlier adapters are superseded), every standalone adapter. So a
 returning node downloads, per layer, no more than the smaller of its missed updates and one dense delta.
-The newest round travels on its own beside the collapsed rest (:func:`catch_up`): a client process serving
-several nodes (Flower simulation, in-process engine) may already hold all but the newest round and skips the
-collapsed entry whole; an entry it holds part of cannot be split.
+Where one client process serves several nodes (the engines of this process: in-process, Flower simulation;
+``keep_newest``), that process may already hold all but the newest round, and an entry it holds part of cannot
+be split: there the newest round travels on its own beside the collapsed rest, which the process skips whole
+(the bound is then the smaller of the missed updates and one dense delta plus the newest round).
 
 The server's history is bounded (:class:`History`): round ``1``'s entry is the *base*, and the oldest
 later round is folded into it (:func:`collapse` again) once the rounds after it already weigh a dense
@@ -137,10 +138,11 @@ class History:
         return sum(self._bytes)
 
 
-def catch_up(history: History, start: int) -> tuple[int, list[RoundUpdate]]:
-    """What a node holding history entries ``[0, start)`` is sent: ``(first_index, entries)``; all but the newest
-    entry collapsed into one where the history folds (module docstring), else the entries as kept."""
+def catch_up(history: History, start: int, keep_newest: bool = False) -> tuple[int, list[RoundUpdate]]:
+    """What a node holding history entries ``[0, start)`` is sent: ``(first_index, entries)``, collapsed into one
+    entry where the history folds (module docstring), else the entries as kept. ``keep_newest``: the newest round
+    travels beside the collapsed rest (client processes that serve several nodes)."""
     first, entries = history.since(start)
-    if not history.fold or len(entries) <= 2:
+    if not history.fold or len(entries) <= (2 if keep_newest else 1):
         return first, entries
-    return first, [collapse(entries[:-1]), entries[-1]]
+    return first, ([collapse(entries[:-1]), entries[-1]] if keep_newest else [collapse(entries)])

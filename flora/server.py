@@ -132,7 +132,8 @@ class FederationServer:
         start = self.node_applied.get(node, 0)
         self.sent[node] = len(self.history)
         if start not in self._catch_up:
-            self._catch_up[start] = catch_up(self.history, start)
+            # the engines of this process (known partitions) share one client process among many nodes
+            self._catch_up[start] = catch_up(self.history, start, keep_newest=self.known_partitions)
         return self._catch_up[start]
 
     def sent_rank(self, node: str) -> int | None:
