@@ -220,7 +220,8 @@ def markdown(summary: dict) -> str:
               "|---:|---:|---:|---:|---:|---:|---:|"]
     for p in points:
         r = p["returning_node"]
-        lines.append(f"| {p['registered']:,} | {p['sampled']} | {r['missed_rounds']} | {r['missed_updates'] / 1024:.1f} | "
+        lines.append(f"| {p['registered']:,} | {p['sampled']} | {r['missed_rounds']} | "
+                     f"{r['missed_updates'] / 1024:.1f} | "
                      f"{p['server_state']['dense_delta_bytes'] / 1024:.1f} | {r['downloads'] / 1024:.1f} | "
                      f"{r['downloads_shared_process'] / 1024:.1f} |")
     lines += ["", "Growth (slope of log cost against log clients; 0 = constant, 1 = linear):", "",
@@ -228,7 +229,8 @@ def markdown(summary: dict) -> str:
     laws = summary["growth"]
     for key in ("server", "broadcast", "aggregation", "evaluation", "training", "rss_peak", "setup_seconds",
                 "history_bytes", "down_per_client", "up_per_client"):
-        cells = [f"{law(laws[a][key])} ({laws[a][key]:+.2f})" if a in laws else "–" for a in ("registered", "sampled")]
+        cells = [f"{law(laws[a][key])} ({laws[a][key]:+.2f})" if a in laws else "–"
+                 for a in ("registered", "sampled")]
         lines.append(f"| {key} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
@@ -257,7 +259,8 @@ def plot(summary: dict, path: Path) -> None:
     xs = [p["registered"] for p in series]
     ax = axes[2]
     ax.plot(xs, [p["rss_peak"] / 2**20 for p in series], marker="o", label="peak RSS (MiB)")
-    ax.plot(xs, [p["summary"]["down_per_client"] / 1024 for p in series], marker="s", label="down / sampled client (KiB)")
+    ax.plot(xs, [p["summary"]["down_per_client"] / 1024 for p in series], marker="s",
+            label="down / sampled client (KiB)")
     ax.plot(xs, [p["server_state"]["history_bytes"] / 1024 for p in series], marker="^", label="server history (KiB)")
     ax.set_xscale("log")
     ax.set_xlabel("registered clients (10 sampled)")

@@ -75,7 +75,8 @@ def test_collapsed_merges_equal_the_updates_applied_one_by_one_and_cost_no_more(
     # layer "0": 5 × rank 2 = 10 > break-even 9.6: dense; rank 2 + 2 stays stacked (the same bytes as separately)
     assert isinstance(collapsed.merge["0"], torch.Tensor)
     form, pair = collapse_merges([updates[0].merge["0"], updates[1].merge["0"]])
-    assert form == "stacked" and pair[0].shape == (4, 16) and nbytes(pair) == sum(nbytes(u.merge["0"]) for u in updates[:2])
+    assert form == "stacked" and pair[0].shape == (4, 16)
+    assert nbytes(pair) == sum(nbytes(u.merge["0"]) for u in updates[:2])
 
 
 def test_collapse_keeps_the_last_adapter_only():
@@ -152,7 +153,8 @@ def scale_config(assets_dir, tmp_path, registered: int, **overrides) -> RunConfi
     values = dict(model=str(assets_dir / "model"), data=str(assets_dir / "many.jsonl"), num_clients=registered,
                   ranks=[2], rounds=3, local_steps=1, batch_size=2, micro_batch_size=2, lr=5e-3, cutoff=48,
                   max_examples=0, partition="iid", test_fraction=0.02, eval_examples=4, client_eval_examples=2,
-                  dropout=0.0, min_clients=3, sample_fraction=3 / registered, out_dir=str(tmp_path / f"out{registered}"))
+                  dropout=0.0, min_clients=3, sample_fraction=3 / registered,
+                  out_dir=str(tmp_path / f"out{registered}"))
     values.update(overrides)
     return RunConfig.from_dict(values)
 
