@@ -89,32 +89,36 @@ def child(args) -> None:
     setup_seconds = time.perf_counter() - started
     rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rounds, round_bytes = [], []
+    clock = time.process_time  # CPU seconds of this process (one thread): robust to a shared machine's load
     for round_ in range(1, config.rounds + 1):
-        begun = time.perf_counter()
-        parts = dict.fromkeys(("training", "broadcast", "checkpoint"), 0.0)
+        begun, begun_cpu = time.perf_counter(), clock()
+        parts = dict.fromkeys(("training", "broadcast", "aggregation", "evaluation", "checkpoint"), 0.0)
         down, up, replies = [], [], []
         for k in round_clients(config, config.num_partitions, round_):
             node = f"node-{k}"
-            t = time.perf_counter()
+            t = clock()
             first, updates = server.updates_for(node)
             wire = updates_to_tensors(updates, first, server.sent_rank(node))
-            parts["broadcast"] += time.perf_counter() - t
+            parts["broadcast"] += clock() - t
             down.append(sum(v.numel() * v.element_size() for v in wire.values()))
-            t = time.perf_counter()
+            t = clock()
             reply = client.train(k, node, round_, first, updates)
-            parts["training"] += time.perf_counter() - t
+            parts["training"] += clock() - t
             up.append(sum(nbytes(f) for f in reply.factors.values()) if reply.factors else 0)
             replies.append(reply)
+        t = clock()
         record = server.aggregate_round(round_, replies, sum(down), begun)
-        t = time.perf_counter()
+        after = clock()
+        # aggregate_round's own split is wall time: share its CPU time between aggregation and evaluation by it
+        share = record["eval_seconds"] / max(record["aggregate_seconds"] + record["eval_seconds"], 1e-12)
+        parts["evaluation"], parts["aggregation"] = (after - t) * share, (after - t) * (1 - share)
+        t = clock()
         writer.round_done(server)
-        parts["checkpoint"] = time.perf_counter() - t
+        parts["checkpoint"] = clock() - t
         wall = time.perf_counter() - begun
-        parts["aggregation"] = record["aggregate_seconds"]
-        parts["evaluation"] = record["eval_seconds"]
-        parts["engine"] = wall - sum(parts.values())
+        parts["engine"] = clock() - begun_cpu - sum(parts.values())
         round_bytes.append(server.history[-1].nbytes(None))
-        rounds.append({"round": round_, "wall": wall, **parts, "clients_ok": record["clients_ok"],
+        rounds.append({"round": round_, "wall": wall, "cpu": clock() - begun_cpu, **parts, "clients_ok": record["clients_ok"],
                        "down_per_client": sum(down) / len(down), "down_max": max(down),
                        "up_per_client": sum(up) / len(up), "test_loss": record["test_loss"],
                        "forms": record["broadcast_forms"]})
@@ -142,7 +146,7 @@ def child(args) -> None:
 
 def summarise(point: dict) -> dict:
     later = point["rounds"][1:] or point["rounds"]
-    keys = ("wall", "training", "broadcast", "aggregation", "evaluation", "checkpoint", "engine")
+    keys = ("wall", "cpu", "training", "broadcast", "aggregation", "evaluation", "checkpoint", "engine")
     row = {k: median(r[k] for r in later) for k in keys}
     row["server"] = row["broadcast"] + row["aggregation"] + row["evaluation"]
     row["down_per_client"] = median(r["down_per_client"] for r in later)
@@ -161,7 +165,7 @@ def run_point(point: str, args, paths: dict) -> dict:
     result = json.loads(process.stdout.strip().splitlines()[-1])
     result["summary"] = summarise(result)
     s = result["summary"]
-    print(f"{point}: round {s['wall']:.3f} s (server {s['server'] * 1e3:.1f} ms), peak RSS "
+    print(f"{point}: round {s['wall']:.3f} s wall, {s['cpu']:.3f} s CPU (server {s['server'] * 1e3:.1f} ms), peak RSS "
           f"{result['rss_peak'] / 2**20:.0f} MiB, down/client {s['down_per_client'] / 1024:.1f} KiB", flush=True)
     return result
 
@@ -199,15 +203,18 @@ def law(slope: float) -> str:
 def markdown(summary: dict) -> str:
     points = summary["points"]
     lines = [f"Model: {summary['model']}; {summary['rounds']} rounds; medians over rounds ≥ 2; "
-             f"{summary['cpu']}; command: `{summary['command']}` ({summary['date']}).\n",
-             "| registered | sampled | round s | training s | broadcast ms | aggregation ms | evaluation ms | "
+             f"{summary['cpu']}; load average {summary['load'][0]:.1f} at the start, {summary['load'][1]:.1f} at the "
+             f"end; command: `{summary['command']}` ({summary['date']}). The parts are CPU seconds of the point's "
+             "process (one torch thread), so other work on the machine does not inflate them; round wall time "
+             "beside them.\n",
+             "| registered | sampled | round s wall | round s CPU | training s | broadcast ms | aggregation ms | evaluation ms | "
              "checkpoint ms | engine ms | server ms | peak RSS MiB | setup s | down/client KiB | down max KiB | "
              "up/client KiB | history KiB (entries) | node maps |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for p in points:
         s, st = p["summary"], p["server_state"]
         lines.append(
-            f"| {p['registered']:,} | {p['sampled']} | {s['wall']:.2f} | {s['training']:.2f} | "
+            f"| {p['registered']:,} | {p['sampled']} | {s['wall']:.2f} | {s['cpu']:.2f} | {s['training']:.2f} | "
             f"{s['broadcast'] * 1e3:.1f} | {s['aggregation'] * 1e3:.1f} | {s['evaluation'] * 1e3:.1f} | "
             f"{s['checkpoint'] * 1e3:.1f} | {s['engine'] * 1e3:.1f} | {s['server'] * 1e3:.1f} | "
             f"{p['rss_peak'] / 2**20:.0f} | {p['setup_seconds']:.1f} | {s['down_per_client'] / 1024:.1f} | "
@@ -252,7 +259,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(key)
-        ax.set_ylabel("seconds per round (median)")
+        ax.set_ylabel("CPU seconds per round (median)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     series = sorted((p for p in points if p["sampled"] == 10), key=lambda p: p["registered"])
@@ -287,12 +294,13 @@ def main() -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     paths = prepare(Path(args.out) / "assets", args.model)
+    load_start = os.getloadavg()[0]
     points = [run_point(point, args, paths) for point in args.points.split(",")]
     from bench_round import cpu_peak_flops
 
     suffix = "" if args.model == "tiny" else f"_{args.model}"
     summary = {"model": args.model, "rounds": args.rounds, "cpu": cpu_peak_flops()[1], "points": points,
-               "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/bench_scale.py " + " ".join(
+               "date": time.strftime("%Y-%m-%d"), "load": [load_start, os.getloadavg()[0]], "command": "python benchmarks/bench_scale.py " + " ".join(
                    a for a in sys.argv[1:]), "growth": growth_laws(points)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"scale{suffix}.json").write_text(json.dumps(summary, indent=1))

@@ -377,7 +377,7 @@ class FederationServer:
         self.history.append(update)
         self.state.apply([update], len(self.history) - 1)
         self._catch_up.clear()
-        if self.history.base_span != folded:
+        if self.history.base_span > max(folded, 1):  # rounds were folded into the base
             for node in [n for n, applied in self.node_applied.items() if applied < self.history.base_span]:
                 del self.node_applied[node]
                 self.node_rank.pop(node, None)
