@@ -31,13 +31,13 @@ from statistics import median
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POINTS = "10:10,100:10,1000:10,10000:10,1000:50,1000:200"
-ROWS = 22_000  # 10,000 clients × 2 training examples, plus the test splits
+ROWS = 110_000  # ~11 examples for each of 10,000 clients: one of them is its own test split
 
 
 def prepare(root: Path, model: str) -> dict:
     """The data file (and the tiny model) every point shares."""
     root.mkdir(parents=True, exist_ok=True)
-    data = root / "data.jsonl"
+    data = root / f"data-{ROWS}.jsonl"
     if not data.is_file():
         rows = [{"instruction": f"Question {i}: what comes after {i}?", "output": f"{i + 1} comes after {i}."}
                 for i in range(ROWS)]
@@ -62,7 +62,7 @@ def point_config(paths: dict, registered: int, sampled: int, rounds: int, out: s
     return RunConfig.from_dict(dict(
         model=paths["model"], data=paths["data"], num_clients=registered, ranks=[4 if small else 8], rounds=rounds,
         local_steps=1, batch_size=2, micro_batch_size=2, cutoff=48 if small else 32, partition="iid",
-        test_fraction=0.01, max_examples=0, eval_examples=8, client_eval_examples=2, dropout=0.0,
+        test_fraction=0.01, max_examples=0, eval_examples=8, client_eval_examples=1, dropout=0.0,
         min_clients=sampled, sample_fraction=sampled / registered, out_dir=out, seed=0))
 
 
@@ -118,7 +118,8 @@ def child(args) -> None:
         wall = time.perf_counter() - begun
         parts["engine"] = clock() - begun_cpu - sum(parts.values())
         round_bytes.append(server.history[-1].nbytes(None))
-        rounds.append({"round": round_, "wall": wall, "cpu": clock() - begun_cpu, **parts, "clients_ok": record["clients_ok"],
+        rounds.append({"round": round_, "wall": wall, "cpu": clock() - begun_cpu, **parts,
+                       "clients_ok": record["clients_ok"],
                        "down_per_client": sum(down) / len(down), "down_max": max(down),
                        "up_per_client": sum(up) / len(up), "test_loss": record["test_loss"],
                        "forms": record["broadcast_forms"]})
@@ -165,7 +166,8 @@ def run_point(point: str, args, paths: dict) -> dict:
     result = json.loads(process.stdout.strip().splitlines()[-1])
     result["summary"] = summarise(result)
     s = result["summary"]
-    print(f"{point}: round {s['wall']:.3f} s wall, {s['cpu']:.3f} s CPU (server {s['server'] * 1e3:.1f} ms), peak RSS "
+    print(f"{point}: round {s['wall']:.3f} s wall, {s['cpu']:.3f} s CPU (server {s['server'] * 1e3:.1f} ms), "
+          f"peak RSS "
           f"{result['rss_peak'] / 2**20:.0f} MiB, down/client {s['down_per_client'] / 1024:.1f} KiB", flush=True)
     return result
 
@@ -207,7 +209,8 @@ def markdown(summary: dict) -> str:
              f"end; command: `{summary['command']}` ({summary['date']}). The parts are CPU seconds of the point's "
              "process (one torch thread), so other work on the machine does not inflate them; round wall time "
              "beside them.\n",
-             "| registered | sampled | round s wall | round s CPU | training s | broadcast ms | aggregation ms | evaluation ms | "
+             "| registered | sampled | round s wall | round s CPU | training s | broadcast ms | aggregation ms | "
+             "evaluation ms | "
              "checkpoint ms | engine ms | server ms | peak RSS MiB | setup s | down/client KiB | down max KiB | "
              "up/client KiB | history KiB (entries) | node maps |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -300,8 +303,8 @@ def main() -> None:
 
     suffix = "" if args.model == "tiny" else f"_{args.model}"
     summary = {"model": args.model, "rounds": args.rounds, "cpu": cpu_peak_flops()[1], "points": points,
-               "date": time.strftime("%Y-%m-%d"), "load": [load_start, os.getloadavg()[0]], "command": "python benchmarks/bench_scale.py " + " ".join(
-                   a for a in sys.argv[1:]), "growth": growth_laws(points)}
+               "date": time.strftime("%Y-%m-%d"), "load": [load_start, os.getloadavg()[0]],
+               "command": " ".join(["python benchmarks/bench_scale.py", *sys.argv[1:]]), "growth": growth_laws(points)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"scale{suffix}.json").write_text(json.dumps(summary, indent=1))
     (RESULTS / f"scale{suffix}.md").write_text(markdown(summary))
