@@ -536,7 +536,12 @@ def round_clients(config: RunConfig, num_nodes: int, round_: int) -> list[int]:
 
 
 def sample_clients(num_clients: int, fraction: float, min_clients: int, round_: int, seed: int) -> list[int]:
-    """Seeded client sampling for a round: ``max(min_clients, round(fraction · N))`` clients."""
+    """Seeded client sampling for a round: ``max(min_clients, round(fraction · N))`` clients, uniformly without
+    replacement by Floyd's algorithm: ``count`` draws, so the cost does not grow with the registered clients."""
     count = min(num_clients, max(min_clients, int(round(fraction * num_clients))))
     generator = torch.Generator().manual_seed(seed * 1_000_003 + round_)
-    return sorted(torch.randperm(num_clients, generator=generator)[:count].tolist())
+    chosen: set[int] = set()
+    for top in range(num_clients - count, num_clients):
+        pick = int(torch.randint(top + 1, (1,), generator=generator))
+        chosen.add(top if pick in chosen else pick)
+    return sorted(chosen)

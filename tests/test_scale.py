@@ -212,3 +212,16 @@ def test_bounded_history_resumes_exactly_and_serves_a_client_behind_it(many_rows
     state.apply(entries, first)
     assert state.applied == 4
     assert_close(weights(state.model), weights(reference.state.model))
+
+
+def test_client_sampling_is_uniform_without_replacement_and_needs_no_list_of_all_clients():
+    from collections import Counter
+
+    from flora.server import sample_clients
+
+    assert sample_clients(7, 1.0, 1, 3, 0) == list(range(7))
+    draws = [sample_clients(10, 0.3, 1, round_, 0) for round_ in range(6000)]
+    assert all(len(d) == len(set(d)) == 3 for d in draws)
+    counts = Counter(i for d in draws for i in d)
+    assert sorted(counts) == list(range(10)) and max(abs(c - 1800) for c in counts.values()) < 150  # ~3.5 sigma
+    assert len(sample_clients(10**12, 0.0, 5, 1, 0)) == 5  # a trillion registered: 5 draws, no list of them
