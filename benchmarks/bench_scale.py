@@ -242,7 +242,24 @@ def markdown(summary: dict) -> str:
         cells = [f"{law(laws[a][key])} ({laws[a][key]:+.2f})" if a in laws else "–"
                  for a in ("registered", "sampled")]
         lines.append(f"| {key} | {cells[0]} | {cells[1]} |")
+    lines += ["", NOTES]
     return "\n".join(lines) + "\n"
+
+
+NOTES = """How to read it. *Registered clients* (10 sampled): every per-round server part (broadcast, aggregation,
+evaluation) and the server's history are constant; per-node maps hold the nodes of the kept rounds (`applied`,
+`rank`: the sampled ones) and one entry per partition that ever took part (`partition`: at most the registered
+clients, one int each); nothing exists for a client that never took part (partitions are index lists made once at
+start-up; client sampling draws only the sampled ids). *Sampled clients*: training, aggregation, evaluation
+(the global test split plus each sampled client's own) and broadcast grow linearly. Training differs between the
+registered points because the data set is fixed: a client sampled for the first time tokenises its partition
+(data / registered examples: 1,100 at 100 registered clients, 11 at 10,000), and at 10 registered clients
+every client is cached after round 1. The peak RSS is the point's whole process (server and the in-process
+clients); it is highest at 10 registered clients, where every partition gets tokenised and cached. Bytes down:
+a client that was in the previous round gets one round (72 KiB here: the tiny model's rounds are dense, 10
+clients × rank 4 > its layers' break-even ranks); a new or returning one gets the collapsed catch-up, one dense
+delta in its own process (a deployment) or one dense delta plus the newest round where one process serves many
+nodes (this in-process engine, 144 KiB)."""
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -291,7 +308,13 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--point", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
+    parser.add_argument("--report-only", action="store_true", help="rewrite scale.md from scale.json")
     args = parser.parse_args()
+    if args.report_only:
+        suffix = "" if args.model == "tiny" else f"_{args.model}"
+        summary = json.loads((RESULTS / f"scale{suffix}.json").read_text())
+        (RESULTS / f"scale{suffix}.md").write_text(markdown(summary))
+        return
     if args.child:
         child(args)
         return
