@@ -61,7 +61,7 @@ def point_config(paths: dict, registered: int, sampled: int, rounds: int, out: s
     small = model == "tiny"
     return RunConfig.from_dict(dict(
         model=paths["model"], data=paths["data"], num_clients=registered, ranks=[4 if small else 8], rounds=rounds,
-        local_steps=1, batch_size=2, micro_batch_size=2, cutoff=48 if small else 32, partition="iid",
+        local_steps=1, batch_size=2, micro_batch_size=2, cutoff=48 if small else 96, partition="iid",
         test_fraction=0.01, max_examples=0, eval_examples=8, client_eval_examples=1, dropout=0.0,
         min_clients=sampled, sample_fraction=sampled / registered, out_dir=out, seed=0))
 
