@@ -45,7 +45,7 @@ def init_seed(config: RunConfig, round_: int, client: int) -> int:
 
 def global_rank(config: RunConfig) -> int:
     """Rank ``R`` of the global adapter of a module-selecting method (Fed-PLoRA): the largest client rank."""
-    return max(config.client_rank(k) for k in range(config.num_partitions))
+    return max(config.ranks)  # = max over the clients' ranks (one value, or one per client)
 
 
 def module_draw(config: RunConfig, round_: int, client: int, rank: int) -> list[int]:

@@ -4,7 +4,8 @@ The Flower skin wraps these dicts in ``ArrayRecord``s; checkpoints write them wi
 
 Keys of one :class:`RoundUpdate`: ``m.{layer}.A|B`` merge factors or ``m.{layer}.D`` dense merge,
 ``a.{layer}.A|B`` global adapter, ``c{k}.{layer}.A|B`` client ``k``'s own adapter (standalone).
-A message carrying several history entries prefixes each entry's keys with ``u{index}.``.
+A message carrying several history entries prefixes each entry's keys with ``u{index}.``; an entry standing
+for several rounds (a collapsed catch-up, ``flora/catchup.py``) also carries ``u{index}.span``.
 Client factors: ``{layer}.A|B``.
 """
 
@@ -64,22 +65,35 @@ def update_from_tensors(tensors: Mapping[str, torch.Tensor], round_: int = 0, tr
 
 
 def updates_to_tensors(updates: Sequence[RoundUpdate], first_index: int, rank: int | None) -> dict[str, torch.Tensor]:
-    """History entries ``first_index, ...`` for one node (adapters cut to its ``rank`` where the method
-    truncates; no standalone adapters)."""
+    """History entries from ``first_index`` on for one node (adapters cut to its ``rank`` where the method
+    truncates; no standalone adapters). An entry standing for several rounds (``span`` > 1, a collapsed
+    catch-up) carries ``u{i}.span``; the next entry's index follows it."""
     tensors: dict[str, torch.Tensor] = {}
-    for i, update in enumerate(updates, start=first_index):
+    index = first_index
+    for update in updates:
         wire = update_to_tensors(update, rank, with_client_adapters=False)
-        tensors.update({f"u{i}.{key}": value for key, value in wire.items()})
+        tensors.update({f"u{index}.{key}": value for key, value in wire.items()})
+        if update.span != 1:
+            tensors[f"u{index}.span"] = torch.tensor([update.span], dtype=torch.int64)
+        index += update.span
     return tensors
 
 
 def updates_from_tensors(tensors: Mapping[str, torch.Tensor], first_index: int, count: int) -> list[RoundUpdate]:
-    """Inverse of :func:`updates_to_tensors` for ``count`` entries."""
-    grouped: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
+    """Inverse of :func:`updates_to_tensors` for the entries covering ``count`` history indices."""
+    grouped: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         head, rest = key.split(".", 1)
-        grouped[int(head[1:]) - first_index][rest] = tensor
-    return [update_from_tensors(entry) for entry in grouped]
+        grouped.setdefault(int(head[1:]), {})[rest] = tensor
+    updates, index = [], first_index
+    while index < first_index + count:
+        entry = grouped.get(index, {})
+        span = int(entry.pop("span").item()) if "span" in entry else 1
+        update = update_from_tensors(entry)
+        update.span = span
+        updates.append(update)
+        index += span
+    return updates
 
 
 def factors_to_tensors(factors: Mapping[str, Factors]) -> dict[str, torch.Tensor]:

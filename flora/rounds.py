@@ -21,7 +21,7 @@ The global update stays exact in float32 in every case.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -50,8 +50,9 @@ class RoundUpdate:
     truncate: bool = False  # client k continues from the first r_k ranks of ``adapter`` (the method truncates)
     client_adapters: dict[int, dict[str, Factors]] | None = None  # standalone: each client's own adapter
     forms: dict[str, int] = field(default_factory=dict)  # broadcast form -> number of layers
+    span: int = 1  # history entries it stands for (> 1: several rounds collapsed, ``flora/catchup.py``)
 
-    def nbytes(self, rank: int) -> int:
+    def nbytes(self, rank: int | None) -> int:
         """Bytes a client of ``rank`` receives for this update.
 
         A truncating method sends each client only its first ``rank`` ranks; a standalone client's
@@ -60,7 +61,7 @@ class RoundUpdate:
         total = sum(nbytes(m) for m in self.merge.values())
         if self.adapter is not None:
             for A, B in self.adapter.values():
-                kept = min(rank, A.shape[0]) if self.truncate else A.shape[0]
+                kept = min(rank, A.shape[0]) if self.truncate and rank is not None else A.shape[0]
                 total += kept * (A.shape[1] + B.shape[0]) * A.element_size()
         return total
 
@@ -85,20 +86,33 @@ class GlobalState:
     every client process); with ``warm`` (a warm-starting method) also the source of the warm factors,
     fed with every applied merge."""
 
-    def __init__(self, model: torch.nn.Module, warm: WarmSource | None = None):
+    def __init__(self, model: torch.nn.Module, warm: WarmSource | None = None,
+                 reload: Callable[[], None] | None = None):
         self.model = model
         self.applied = 0  # number of round updates merged into ``model``
         self.adapter: dict[str, Factors] | None = None
         self.client_adapters: dict[int, dict[str, Factors]] = {}
         self.warm = warm
+        self.reload = reload  # puts the base weights back into ``model`` (a client process's runtime)
 
     def apply(self, updates: Sequence[RoundUpdate], first_index: int) -> None:
-        """Apply ``updates`` (history entries ``first_index, first_index + 1, ...``) not yet applied."""
+        """Apply ``updates`` (history entries from ``first_index`` on, each standing for ``span`` of them) not yet
+        applied. An entry from index 0 that covers part of what is held (the server's folded history,
+        ``flora/catchup.py``) starts over from the base weights (``reload``); any other partly held entry cannot
+        be split: :class:`RuntimeError`."""
         if first_index > self.applied:
             raise RuntimeError(f"out of sync: holds {self.applied} round updates, message starts at {first_index}")
-        for index, update in enumerate(updates, start=first_index):
-            if index < self.applied:
+        index = first_index
+        for update in updates:
+            end = index + update.span
+            if end <= self.applied:
+                index = end
                 continue
+            if index < self.applied:
+                if index > 0 or self.reload is None:
+                    raise RuntimeError(f"out of sync: holds {self.applied} round updates, a collapsed catch-up "
+                                       f"entry covers {index}..{end - 1}")
+                self.restart()
             apply_merges(self.model, update.merge)  # in place, or beside the layer (precision.py)
             if self.warm is not None:
                 self.warm.add(update.merge)
@@ -106,7 +120,16 @@ class GlobalState:
                 self.adapter = update.adapter
             if update.client_adapters is not None:
                 self.client_adapters.update(update.client_adapters)
-            self.applied = index + 1
+            self.applied = index = end
+
+    def restart(self) -> None:
+        """Back to the base weights with nothing applied."""
+        self.reload()
+        self.applied = 0
+        self.adapter = None
+        self.client_adapters = {}
+        if self.warm is not None:
+            self.warm = type(self.warm)(self.warm.source, self.warm.rtol)
 
     def init_factors(self, client: int, rank: int, truncate: bool) -> dict[str, Factors] | None:
         """The adapter client ``client`` continues from (None: a fresh one)."""

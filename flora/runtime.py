@@ -24,6 +24,7 @@ from flora.hardware import model_options, prepare_quantized
 from flora.lora.warm import WarmSource
 from flora.models.loader import check_target_modules, load_model
 from flora.modeling import layer_shapes
+from flora.precision import global_delta
 from flora.rounds import GlobalState
 
 
@@ -102,16 +103,31 @@ def check_ranks_fit(config: RunConfig, shapes: Mapping[str, tuple[int, int]]) ->
     if not shapes:
         return
     name, shape = min(shapes.items(), key=lambda item: min(item[1]))
-    largest = max(config.client_rank(k) for k in range(config.num_partitions))
+    largest = max(config.ranks)
     if largest > min(shape):
         raise ConfigError(f"ranks = {config.ranks}: rank {largest} exceeds min(out, in) = {min(shape)} of target "
                           f"layer {name} {tuple(shape)}; expected ranks <= {min(shape)} for this model and targets")
 
 
-def global_state(config: RunConfig, model: torch.nn.Module) -> GlobalState:
+def global_state(config: RunConfig, model: torch.nn.Module, reload=None) -> GlobalState:
     """The global state a party (server or client process) keeps on ``model`` for ``config``'s method: with the
-    warm source where clients warm-start (``config.spec.warm_start``)."""
-    return GlobalState(model, WarmSource(config.warm_source) if config.spec.warm_start else None)
+    warm source where clients warm-start (``config.spec.warm_start``); ``reload`` puts the base weights back."""
+    return GlobalState(model, WarmSource(config.warm_source) if config.spec.warm_start else None, reload)
+
+
+def reload_base(model: torch.nn.Module, config: RunConfig) -> None:
+    """Put ``config``'s base weights back into ``model`` in place (a client process that must start over from a
+    folded catch-up, ``flora/catchup.py``): every merge added in place is undone by copying the weights the loader
+    gives again, and every update kept beside a layer (``flora/precision.py``) is dropped."""
+    if config.quantize == "none":  # a quantized base is never changed in place: its deltas are beside it
+        fresh = load_model(config.model, **model_options(config)).model.state_dict()
+        with torch.no_grad():
+            for name, tensor in model.state_dict(keep_vars=True).items():
+                if name in fresh:
+                    tensor.copy_(fresh[name])
+    for module in model.modules():
+        if (holder := global_delta(module)) is not None:
+            holder.restore((None, None, None))
 
 
 class Runtime:
@@ -132,7 +148,8 @@ class Runtime:
         """The global state a client process keeps across rounds (on the cached model)."""
         key = AssetKey.of(config)
         if key not in self._client_states:
-            self._client_states[key] = global_state(config, self.assets(config).model)
+            model = self.assets(config).model
+            self._client_states[key] = global_state(config, model, reload=lambda: reload_base(model, config))
         return self._client_states[key]
 
     def server_assets(self, config: RunConfig) -> Assets:

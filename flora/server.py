@@ -5,9 +5,13 @@ and merges their records into the round's metrics line. What a method aggregates
 broadcasts comes from its registry entry (``config.spec``). The Flower strategy (``strategy.py``) is a
 thin skin over this class.
 
-Catch-up: the server keeps the list of round updates and, per node, how many of them that node has
-applied; a message carries the ones it lacks. A client process that holds fewer (it restarted) says
-so in its reply, is left out of that round, and gets the full list next round.
+Catch-up: the server keeps the round updates (a bounded :class:`~flora.catchup.History`) and, per node, how
+many of them that node has applied; a message carries the ones it lacks, collapsed (``flora/catchup.py``:
+per layer no more than the smaller of the missed updates and one dense delta). A client process that holds
+fewer (it restarted) says so in its reply, is left out of that round, and gets the full list next round.
+What the server keeps per node (``node_applied``, ``node_rank``) is dropped once the node is behind the
+history's folded base (it then gets what a new node gets), so it is bounded by the nodes of the kept rounds;
+``node_partition`` holds at most one node per partition.
 
 Trust (DESIGN.md §2): a reply is used only after :meth:`FederationServer.screen` checked it against
 :meth:`FederationServer.rules_for` (``flora/wire_checks.py``: partition, claimed rank at most the node's
@@ -32,6 +36,7 @@ from statistics import median
 
 import torch
 
+from flora.catchup import History, catch_up, dense_model_bytes
 from flora.client import global_rank, initial_adapter, module_draw
 from flora.config import RunConfig
 from flora.data.tokenize import Example
@@ -82,10 +87,12 @@ class FederationServer:
         self.assets = assets
         self.known_partitions = known_partitions
         self.state: GlobalState = global_state(config, assets.model)
-        self.history: list[RoundUpdate] = []
+        self.history = self.new_history()
         self.node_applied: dict[str, int] = {}  # how many history entries each node's model holds
         self.sent: dict[str, int] = {}  # this round: node -> history entries its message brings it to
         self.node_partition: dict[str, int] = {}  # partition of each node, bound by its first accepted reply
+        self.partition_node: dict[int, str] = {}  # the inverse of node_partition
+        self._catch_up: dict[int, tuple[int, list[RoundUpdate]]] = {}  # this round's catch-ups by start index
         self.node_rank: dict[str, int] = {}  # rank of each node's last accepted reply (truncates its adapter)
         self.metrics: list[dict] = []
         self.dp_random = DPRandom(config.dp_noise_seed)
@@ -105,18 +112,29 @@ class FederationServer:
     def restore(self, history: Sequence[RoundUpdate], metrics: Sequence[dict]) -> None:
         """Continue after ``history`` (a checkpoint). Client processes are new, so every node gets the
         whole history with its first message."""
-        self.history = list(history)
-        self.state.apply(self.history, 0)
+        self.history = self.new_history()
+        for update in history:  # folded as the uninterrupted run folded it
+            self.history.append(update)
+        self.state.apply(history, 0)
+        self._catch_up.clear()
         self.metrics = list(metrics)
         self.node_applied = {}
 
+    def new_history(self) -> History:
+        """An empty history, folded (``flora/catchup.py``) unless clients warm-start from its exact entries."""
+        return History(dense_model_bytes(self.assets.layer_shapes), fold=not self.config.spec.warm_start)
+
     # messages ---------------------------------------------------------------------------------
     def updates_for(self, node: str) -> tuple[int, list[RoundUpdate]]:
-        """The history entries ``node`` lacks: ``(first_index, updates)``; remembered as what this round's
-        message to ``node`` brings it to (its reply's ``applied`` is checked against it)."""
+        """The history entries ``node`` lacks, collapsed (:func:`~flora.catchup.catch_up`): ``(first_index,
+        updates)``; remembered as what this round's message to ``node`` brings it to (its reply's ``applied`` is
+        checked against it). Nodes with the same start share one catch-up per round."""
         start = self.node_applied.get(node, 0)
         self.sent[node] = len(self.history)
-        return start, self.history[start:]
+        if start not in self._catch_up:
+            # the engines of this process (known partitions) share one client process among many nodes
+            self._catch_up[start] = catch_up(self.history, start, keep_newest=self.known_partitions)
+        return self._catch_up[start]
 
     def sent_rank(self, node: str) -> int | None:
         """The rank a truncating method cuts ``node``'s adapter to: its last accepted (bounded) rank."""
@@ -134,8 +152,7 @@ class FederationServer:
         """The largest rank partition ``partition`` may claim: its configured rank where the server knows the
         partitions, else the largest configured rank; never above any layer's ``min(out, in)``."""
         config = self.config
-        configured = (config.client_rank(partition) if self.known_partitions else
-                      max(config.client_rank(k) for k in range(config.num_partitions)))
+        configured = config.client_rank(partition) if self.known_partitions else max(config.ranks)
         return min([configured] + [min(shape) for shape in self.assets.layer_shapes.values()])
 
     def known_size(self, partition: int) -> int:
@@ -153,6 +170,7 @@ class FederationServer:
                 and not config.max_client_weight)
 
     def download_bytes(self, node: str, rank: int) -> int:
+        """Bytes of this round's message to ``node`` (its catch-up) for a client of ``rank``."""
         start, updates = self.updates_for(node)
         return sum(u.nbytes(rank) for u in updates)
 
@@ -182,7 +200,7 @@ class FederationServer:
         record["aggregate_seconds"] = time.perf_counter() - aggregation_started  # validation + aggregation + broadcast
         record["train_tokens"] = sum(r.tokens for r in accepted)
         record["train_seconds"] = sum(r.seconds for r in accepted)  # summed over clients (they may overlap)
-        record.update(self.evaluate_round())
+        record.update(self.evaluate_round(sorted({r.client for r in replies if 0 <= r.client < config.num_clients})))
         record["seconds"] = time.perf_counter() - started
         self.metrics.append(record)
         return record
@@ -204,6 +222,7 @@ class FederationServer:
                 self.node_applied[reply.node] = reply.applied
                 if self.node_partition.get(reply.node) == reply.client:  # its partition is free to rebind
                     del self.node_partition[reply.node]
+                    del self.partition_node[reply.client]
                 log.warning("round %d: client %s (node %s) failed: %s", round_, _client(reply), reply.node,
                             printable(reply.error[:300]))
             else:
@@ -219,6 +238,7 @@ class FederationServer:
             screening.accepted.append(reply)
             self.node_applied[reply.node] = reply.applied
             self.node_partition[reply.node] = partition
+            self.partition_node[partition] = reply.node
             self.node_rank[reply.node] = reply.rank
         if config.clip_update_norm:
             screening.accepted = [self._clipped(round_, reply) for reply in screening.accepted]
@@ -254,9 +274,9 @@ class FederationServer:
         bound = self.node_partition.get(reply.node)
         if bound is not None and bound != reply.client:
             return f"config 'partition-id' = {reply.client}: expected {bound}, the partition of node {reply.node}"
-        owners = [n for n, k in self.node_partition.items() if k == reply.client and n != reply.node]
-        if owners:
-            return (f"config 'partition-id' = {reply.client}: partition {reply.client} belongs to node {owners[0]} "
+        owner = self.partition_node.get(reply.client)
+        if owner is not None and owner != reply.node:
+            return (f"config 'partition-id' = {reply.client}: partition {reply.client} belongs to node {owner} "
                     f"(bound by its first accepted reply; a node that fails frees it)")
         try:
             check_update(reply.factors, client=reply.client, layer_shapes=self.assets.layer_shapes,
@@ -352,9 +372,16 @@ class FederationServer:
         return Aggregated(RoundUpdate(round=round_), math.nan, record or {})
 
     def apply(self, update: RoundUpdate) -> None:
-        """Append ``update`` to the history and to the server's global state."""
+        """Append ``update`` to the history and to the server's global state; forget what it kept for nodes now
+        behind the history's folded base (they get what a new node gets)."""
+        folded = self.history.base_span
         self.history.append(update)
         self.state.apply([update], len(self.history) - 1)
+        self._catch_up.clear()
+        if self.history.base_span > max(folded, 1):  # rounds were folded into the base
+            for node in [n for n, applied in self.node_applied.items() if applied < self.history.base_span]:
+                del self.node_applied[node]
+                self.node_rank.pop(node, None)
 
     def dp_spec(self) -> DPSpec:
         config = self.config
@@ -407,13 +434,17 @@ class FederationServer:
         return form, (A, B)
 
     # evaluation -------------------------------------------------------------------------------
-    def evaluate_round(self) -> dict:
-        """Global test loss and perplexity, each client's test loss, and the seconds it took."""
+    def evaluate_round(self, clients: Sequence[int] | None = None) -> dict:
+        """Global test loss and perplexity, the test loss of each of ``clients`` (this round's; None: all), and
+        the seconds it took."""
         started = time.perf_counter()
         record = {"test_loss": self.evaluate()}
         record["test_ppl"] = math.exp(record["test_loss"]) if math.isfinite(record["test_loss"]) else math.nan
-        client_losses = self.evaluate_clients()
+        clients = range(self.config.num_clients) if clients is None else clients
+        client_losses = self.evaluate_clients(clients)
         record["client_test_loss"] = [None if math.isnan(x) else x for x in client_losses]
+        if len(clients) != self.config.num_clients:
+            record["client_test_clients"] = list(clients)
         finite = [x for x in client_losses if math.isfinite(x)]
         record["client_test_loss_mean"] = sum(finite) / len(finite) if finite else math.nan
         record["eval_seconds"] = time.perf_counter() - started
@@ -422,14 +453,15 @@ class FederationServer:
     def test_examples(self) -> list[Example]:
         return self.assets.examples("test", self.config.cutoff, self.config.eval_examples)
 
-    def evaluate_clients(self) -> list[float]:
-        """Loss on each client's own test split (its first ``client_eval_examples``): the global model,
-        or where each client keeps its own model (standalone) that model (NaN: no split)."""
+    def evaluate_clients(self, clients: Sequence[int]) -> list[float]:
+        """Loss on each of ``clients``' own test split (its first ``client_eval_examples``): the global model,
+        or where each client keeps its own model (standalone) that model (NaN: no split). A round evaluates
+        the clients it asked, so its cost grows with the sampled clients, not with the registered ones."""
         limit, spec = self.config.client_eval_examples, self.config.spec
         if not limit or spec.pooled:
             return []
         losses = []
-        for k in range(self.config.num_clients):
+        for k in clients:
             examples = self.assets.examples(f"test:{k}", self.config.cutoff, limit)
             adapter = self.state.adapter_of(k, spec.per_client_models)
             losses.append(self.state.evaluate(self.assets.tokenizer, examples, adapter) if examples else math.nan)
@@ -505,7 +537,12 @@ def round_clients(config: RunConfig, num_nodes: int, round_: int) -> list[int]:
 
 
 def sample_clients(num_clients: int, fraction: float, min_clients: int, round_: int, seed: int) -> list[int]:
-    """Seeded client sampling for a round: ``max(min_clients, round(fraction · N))`` clients."""
+    """Seeded client sampling for a round: ``max(min_clients, round(fraction · N))`` clients, uniformly without
+    replacement by Floyd's algorithm: ``count`` draws, so the cost does not grow with the registered clients."""
     count = min(num_clients, max(min_clients, int(round(fraction * num_clients))))
     generator = torch.Generator().manual_seed(seed * 1_000_003 + round_)
-    return sorted(torch.randperm(num_clients, generator=generator)[:count].tolist())
+    chosen: set[int] = set()
+    for top in range(num_clients - count, num_clients):
+        pick = int(torch.randint(top + 1, (1,), generator=generator))
+        chosen.add(top if pick in chosen else pick)
+    return sorted(chosen)

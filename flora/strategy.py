@@ -4,7 +4,8 @@ Wire format (``ArrayRecord`` key → tensor, keys of ``flora/codec.py``; ``Confi
 
 * server → client: ``u{i}.m.{layer}.A|B`` (merge factors) or ``u{i}.m.{layer}.D`` (dense merge),
   ``u{i}.a.{layer}.A|B`` (adapter, truncated to the node's rank where the method truncates);
-  config ``flora-config`` (run config JSON), ``first-index``, ``num-updates``, ``server-round``;
+  ``u{i}.span`` (rounds a collapsed catch-up entry stands for); config ``flora-config`` (run config JSON),
+  ``first-index``, ``num-updates`` (history indices covered), ``server-round``;
 * client → server: ``{layer}.A|B`` factors; metrics ``num-examples``, ``train-loss``, ``tokens``,
   ``seconds``, ``applied``; config ``partition-id``, ``rank``, ``error`` (empty when fine). Exactly these
   keys and records, checked before anything is materialised (``flora/wire_checks.py``).
@@ -71,7 +72,7 @@ class FloraStrategy(FedAvg):
             payload = ArrayRecord(torch_state_dict=updates_to_tensors(updates, first, rank))
             self._bytes_down += payload.count_bytes()
             meta = ConfigRecord({"flora-config": self.config.to_json(), "first-index": first,
-                                 "num-updates": len(updates), "server-round": server_round,
+                                 "num-updates": sum(u.span for u in updates), "server-round": server_round,
                                  "truncated-rank": rank or 0})
             message = Message(content=RecordDict({"arrays": payload, "config": meta}), dst_node_id=node_id,
                               message_type="train")

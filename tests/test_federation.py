@@ -118,7 +118,7 @@ def test_client_that_missed_rounds_catches_up_exactly(assets_dir, tmp_path, runt
     # A brand-new process for client 2 (restarted): its state is rebuilt from the history alone.
     fresh = FederationClient(config, Runtime())
     first, updates = server.updates_for("node-new")
-    assert first == 0 and len(updates) == 3
+    assert first == 0 and sum(u.span for u in updates) == 3  # the history may come collapsed (flora/catchup.py)
     fresh.state.apply(updates, first)
     for name, param in server.state.model.state_dict().items():
         other = fresh.state.model.state_dict()[name]
