@@ -61,6 +61,22 @@ def run_in_process(config: RunConfig, runtime: Runtime | None = None, progress: 
                 progress(client_line(round_, reply))
             replies.append(reply)
         record = server.aggregate_round(round_, replies, bytes_down, started)
+        if server.federated_evaluation:
+            evaluate_in_process(server, client, round_)
         writer.round_done(server)
         progress(format_round(public_record(config, record)))
     return server
+
+
+def evaluate_in_process(server: FederationServer, client: FederationClient, round_: int) -> None:
+    """Federated evaluation of every partition's node after ``round_`` (what the Flower engine's evaluate
+    messages do): each catches up with the global model and scores its own held-out split."""
+    config = server.config
+    started = time.perf_counter()
+    replies, bytes_down = [], 0
+    for k in range(config.num_partitions):
+        node = f"node-{k}"
+        bytes_down += server.download_bytes(node, config.client_rank(k))
+        first, updates = server.updates_for(node)
+        replies.append(client.evaluate(k, node, first, updates))
+    server.record_evaluation(round_, replies, bytes_down, time.perf_counter() - started)
