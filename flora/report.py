@@ -35,7 +35,10 @@ def write_report(out: Path) -> str:
     (out / "results.md").write_text(table + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = [m["round"] for m in metrics]
-    ax.plot(rounds, [m["test_loss"] for m in metrics], marker="o", label="global test loss")
+    ax.plot(rounds, [m["test_loss"] for m in metrics], marker="o", label="global test loss")  # NaN: no server test set
+    if any("client_test_loss" in m for m in metrics):
+        ax.plot(rounds, [m.get("client_test_loss", float("nan")) for m in metrics], marker="^",
+                label="clients' test loss (federated)")
     ax.plot(rounds, [m["train_loss"] for m in metrics], marker="s", label="client train loss")
     ax.set_xlabel("round")
     ax.set_ylabel("loss (assistant tokens)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from flora.audit import install_open_log
 from flora.config import RunConfig
 from flora.runner import start_run
 from flora.runtime import Runtime
@@ -29,6 +30,7 @@ def make_server_app(config: RunConfig | None = None, resume: bool = False, progr
     clients' partitions are the ones this server's config makes (:func:`flora.simulation.run_flower_simulation`);
     a ServerApp started by ``flwr run`` cannot know what the SuperNodes hold."""
     server_app = ServerApp()
+    install_open_log("server")
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:

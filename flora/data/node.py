@@ -107,3 +107,30 @@ def write_shards(records: Sequence[Record], split: Partition, directory: str | P
         tmp.replace(path)
         paths.append(path)
     return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flora.data.node split CONFIG DIR N``: deal CONFIG's dataset into N node files DIR/partition-K.jsonl
+    with the config's seeded partitioner (what ``scripts/deploy_local.sh`` does when no ``--node-data`` is given:
+    a stand-in for N parties that each already hold their own data); prints the paths, comma-separated."""
+    import argparse
+    import dataclasses
+
+    from flora.config import load_config
+    from flora.runtime import load_simulation_data
+
+    parser = argparse.ArgumentParser(prog="python -m flora.data.node")
+    parser.add_argument("command", choices=["split"])
+    parser.add_argument("config")
+    parser.add_argument("directory")
+    parser.add_argument("nodes", type=int)
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    config = dataclasses.replace(config, num_clients=args.nodes, ranks=[1], min_clients=1, adapters=config.adapters[:1])
+    data = load_simulation_data(config)
+    print(",".join(str(p) for p in write_shards(data.records, data.partition, args.directory)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
