@@ -92,7 +92,8 @@ class FederationClient:
             return self.runtime.node_data(self.config, path, data_format)
         except DataError as exc:
             hint = "" if data_path else ("; a deployed SuperNode names its own file with --node-config "
-                                         "\"data-path='FILE'\"")
+                                         "\"data-path='FILE'\"; a `flwr run` simulation needs --run-config "
+                                         "\"simulation=true\"")
             raise DataError(f"node {node} (partition-id {client}): {exc}{hint}") from None
 
     def train(self, client: int, node: str, round_: int, first_index: int, updates: Sequence[RoundUpdate],

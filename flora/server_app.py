@@ -27,8 +27,9 @@ def make_server_app(config: RunConfig | None = None, resume: bool = False, progr
                     known_partitions: bool = False) -> ServerApp:
     """A ServerApp for ``config`` (simulation), or one reading Flower's run config (``flwr run``;
     ``--run-config "resume=true"`` continues from the out dir's checkpoint). ``known_partitions``: the
-    clients' partitions are the ones this server's config makes (:func:`flora.simulation.run_flower_simulation`);
-    a ServerApp started by ``flwr run`` cannot know what the SuperNodes hold."""
+    clients' partitions are the ones this server's config makes (:func:`flora.simulation.run_flower_simulation`,
+    or ``flwr run`` with ``--run-config "simulation=true"``): it writes every partition's shard for its node;
+    otherwise (a deployment) each SuperNode brings its own data and the server reads none."""
     server_app = ServerApp()
     install_open_log("server")
 
@@ -36,7 +37,9 @@ def make_server_app(config: RunConfig | None = None, resume: bool = False, progr
     def main(grid: Grid, context: Context) -> None:
         run_config = dict(context.run_config)
         resume_run = resume or str(run_config.pop("resume", "false")).lower() in ("true", "1")
-        run_server(grid, config or config_from_run_config(run_config), resume_run, progress, known_partitions)
+        # simulation=true (flwr run against a local simulation SuperLink): this server deals the data out
+        simulation = known_partitions or str(run_config.pop("simulation", "false")).lower() in ("true", "1")
+        run_server(grid, config or config_from_run_config(run_config), resume_run, progress, simulation)
 
     return server_app
 

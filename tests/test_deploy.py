@@ -45,7 +45,8 @@ def _tiny_config(tmp_path, tiny_tokenizer, **extra) -> Path:
     write_tiny_assets(tmp_path, tiny_tokenizer)
     values = dict(model=str(tmp_path / "model"), data=str(tmp_path / "data.jsonl"), num_clients=3, ranks=[4, 2, 1],
                   rounds=2, local_steps=2, batch_size=4, micro_batch_size=2, cutoff=64, max_examples=0,
-                  partition="iid", test_fraction=0.1, eval_examples=0, out_dir=str(tmp_path / "out"))
+                  partition="iid", test_fraction=0.1, eval_examples=0, client_eval_examples=0,
+                  out_dir=str(tmp_path / "out"))  # federated evaluation: one more ClientApp process per node and round
     values.update(extra)
     import tomli_w
     path = tmp_path / "tiny.toml"
@@ -135,7 +136,7 @@ def test_flwr_run_simulation_offline(tmp_path, tiny_tokenizer):
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]) + 2)
     try:
         done = subprocess.run([str(Path(bin_dir) / "flwr"), "run", ".", "--stream", "--federation-config",
-                               "num-supernodes=3", "--run-config", f"config-file='{config}'"], cwd=REPO, env=env,
+                               "num-supernodes=3", "--run-config", f"config-file='{config}' simulation=true"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=400)
     finally:  # Flower leaves its local SuperLink running
         _kill_matching(f"--control-api-address 127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}")
@@ -190,7 +191,7 @@ def test_deployment_over_tls_with_supernode_authentication(tmp_path, tiny_tokeni
     done = subprocess.run(["bash", str(REPO / "scripts" / "deploy_local.sh"), "--config", str(config),
                            "--certs", str(certs["ca.crt"].parent), "--auth", "--unregistered", "1",
                            "--plaintext", "1", "--work", str(work), "--node-data", ",".join(map(str, node_files))],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout[-3000:] + done.stderr[-2000:]
     assert done.returncode == 0, output
     assert "TLS, CA" in done.stdout and "SuperNode authentication" in done.stdout, output
