@@ -132,3 +132,13 @@ def test_deploy_script_refuses_a_node_data_count_that_does_not_match(tmp_path, a
     assert done.returncode == 2
     assert "--node-data names 2 files for 3 SuperNodes" in done.stderr
     assert not list((work / "pids").glob("*.pid")) and not (work / "logs" / "superlink.log").exists()
+
+
+def test_a_node_reads_a_datasets_directory(tmp_path):
+    datasets = pytest.importorskip("datasets")  # the `data` extra (scripts/setup.sh installs it)
+    rows = [{"instruction": f"q{i}", "response": f"a{i}", "category": "qa"} for i in range(10)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "mine"))
+    data = load_node_data(tmp_path / "mine", test_fraction=0.2, seed=5)
+    train, test = carve(10, 0.2, seed=5)
+    assert [r.messages[0]["content"] for r in data.test] == [f"q{i}" for i in test]
+    assert [r.messages[0]["content"] for r in data.train] == [f"q{i}" for i in train]

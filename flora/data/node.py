@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from flora.data.formats import DataError, Record
-from flora.data.partition import Partition
-from flora.data.sources import convert_rows, read_located_rows
+from flora.data.partition import Partition, partition
+from flora.data.sources import convert_rows, load_records, read_located_rows
 
 SPLIT_KEY = "split"
 SHARD_DIR = "shards"
@@ -117,7 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import dataclasses
 
     from flora.config import load_config
-    from flora.runtime import load_simulation_data
 
     parser = argparse.ArgumentParser(prog="python -m flora.data.node")
     parser.add_argument("command", choices=["split"])
@@ -127,8 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.config)
     config = dataclasses.replace(config, num_clients=args.nodes, ranks=[1], min_clients=1, adapters=config.adapters[:1])
-    data = load_simulation_data(config)
-    print(",".join(str(p) for p in write_shards(data.records, data.partition, args.directory)))
+    records, _ = load_records(config.data, fmt=config.format)
+    split = partition(records, args.nodes, scheme=config.partition if args.nodes > 1 else "iid",
+                      alpha=config.dirichlet_alpha, seed=config.seed, test_fraction=config.test_fraction,
+                      max_examples=config.max_examples or None)  # as a simulation deals them (runtime.py)
+    print(",".join(str(p) for p in write_shards(records, split, args.directory)))
     return 0
 
 
