@@ -50,9 +50,12 @@ DEPLOYMENT_DATA = {"data": "each SuperNode holds its own data (its node config '
 
 def server_for(config: RunConfig, runtime: Runtime, known_partitions: bool = True) -> FederationServer:
     """A server with its own copy of the model (clients in the same runtime share the cached one).
-    ``known_partitions``: a simulation: this process deals the dataset out (see :class:`FederationServer`);
-    otherwise (a deployment) the server loads no data but its own test set (``server_test_data``)."""
+    ``known_partitions``: a simulation: this process deals the dataset out (see :class:`FederationServer`) and
+    writes every partition's shard (``OUT/shards/``), the only data its node reads; otherwise (a deployment)
+    the server loads no data but its own test set (``server_test_data``)."""
     simulation = runtime.simulation_data(config) if known_partitions else None
+    if simulation is not None:
+        write_shards(simulation.records, simulation.partition, Path(config.out_dir) / SHARD_DIR)
     if config.server_test_data:
         test_records, _ = load_records(config.server_test_data)
         test_set = f"server_test_data {config.server_test_data}"
@@ -80,8 +83,6 @@ def start_run(config: RunConfig, runtime: Runtime, resume: bool = False, progres
         server.restore(checkpoint.updates, checkpoint.metrics)
     simulation = server.simulation
     writer = ResultsWriter(config, simulation.partition.report() if simulation else DEPLOYMENT_DATA, server.metrics)
-    if simulation is not None:  # each simulated node reads its own shard and nothing else
-        write_shards(simulation.records, simulation.partition, Path(config.out_dir) / SHARD_DIR)
     header = (f"[flora] {config.method}: {config.num_partitions} clients, ranks {config.ranks}, {config.rounds} rounds, "
               f"{config.local_steps} local steps")
     if checkpoint is not None:
