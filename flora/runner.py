@@ -53,9 +53,8 @@ def server_for(config: RunConfig, runtime: Runtime, known_partitions: bool = Tru
     ``known_partitions``: a simulation: this process deals the dataset out (see :class:`FederationServer`) and
     writes every partition's shard (``OUT/shards/``), the only data its node reads; otherwise (a deployment)
     the server loads no data but its own test set (``server_test_data``)."""
+    assets = runtime.server_assets(config)  # model, data and test set first: bad input fails before anything is written
     simulation = runtime.simulation_data(config) if known_partitions else None
-    if simulation is not None:
-        write_shards(simulation.records, simulation.partition, Path(config.out_dir) / SHARD_DIR)
     if config.server_test_data:
         test_records, _ = load_records(config.server_test_data)
         test_set = f"server_test_data {config.server_test_data}"
@@ -63,8 +62,9 @@ def server_for(config: RunConfig, runtime: Runtime, known_partitions: bool = Tru
         test_records, test_set = simulation.test(), "the simulation's global held-out split"
     else:
         test_records, test_set = None, "none"
-    return FederationServer(config, runtime.server_assets(config), simulation=simulation, test_records=test_records,
-                            test_set=test_set)
+    if simulation is not None:
+        write_shards(simulation.records, simulation.partition, Path(config.out_dir) / SHARD_DIR)
+    return FederationServer(config, assets, simulation=simulation, test_records=test_records, test_set=test_set)
 
 
 def start_run(config: RunConfig, runtime: Runtime, resume: bool = False, progress: Callable[[str], None] = print,
