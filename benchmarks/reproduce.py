@@ -157,7 +157,7 @@ def _row(summary: dict) -> dict:
     return {"name": summary["name"], "method": summary["config"]["method"], "seed": summary["config"]["seed"],
             "loss_per_round": losses, "final_test_loss": losses[-1] if losses else None,
             "best_test_loss": min(losses) if losses else None,
-            "client_test_loss_final": metrics[-1].get("client_test_loss_mean"),
+            "client_test_loss_final": _client_test_loss(metrics[-1]),
             "max_aggregation_error": max(errors) if errors else None,
             "mmlu_cloze": mmlu.get("accuracy"), "mmlu_ci95": mmlu.get("ci95"), "mmlu_n": mmlu.get("num_questions"),
             "wall_seconds": summary["wall_seconds"], "mmlu_seconds": summary.get("mmlu_seconds", 0.0),
@@ -351,5 +351,14 @@ def main() -> None:
     print(report(args.profile))
 
 
+def _client_test_loss(record: dict):
+    """The clients' test loss of a round: the token-weighted federated mean (a number); runs from before
+    federated evaluation kept a per-client list and its plain mean (``client_test_loss_mean``)."""
+    value = record.get("client_test_loss")
+    return value if isinstance(value, (int, float)) or value is None and "client_test_loss_mean" not in record \
+        else record.get("client_test_loss_mean")
+
+
 if __name__ == "__main__":
     main()
+

@@ -8,6 +8,10 @@ from a reply the server would accept (:func:`valid_reply`: the partition's own r
 ``applied``, small random factors) and changes one thing, so the server's reason names exactly that.
 
 ``KINDS[kind] = (mutation, fragment)``: ``fragment`` is what the server's rejection line must contain.
+Federated evaluation gets the same treatment: an attacker answers every evaluate message with one kind of
+:data:`EVAL_KINDS` (slot ``(round - 1) · adversaries + attacker``, cycling), each a change to a valid
+evaluation reply (:func:`valid_eval_reply`): a NaN, infinite or negative loss, impossible token or example
+counts, wrong records, another node's partition.
 Records of what each node did go to ``OUT/../hostile/`` (``OUT`` = the run's ``out_dir``).
 """
 
@@ -261,6 +265,43 @@ KINDS: dict[str, tuple[Mutation, str]] = {
 }
 
 
+def valid_eval_reply(situation: Situation) -> Forged:
+    """A federated-evaluation reply the server accepts: the attacker's partition, two examples, ``applied``."""
+    return Forged(config={"partition-id": situation.partition, "error": ""},
+                  metrics={"eval-loss": 2.0, "eval-tokens": 10, "eval-examples": 2, "applied": situation.applied_end},
+                  arrays={}, kinds={"metrics": "metric", "config": "config"})
+
+
+EVAL_KINDS: dict[str, tuple[Mutation, str]] = {
+    "eval-loss NaN": (_field("metrics", "eval-loss", math.nan), "metrics 'eval-loss' = nan"),
+    "eval-loss inf": (_field("metrics", "eval-loss", math.inf), "metrics 'eval-loss' = inf"),
+    "eval-loss negative": (_field("metrics", "eval-loss", -3.0), "metrics 'eval-loss' = -3.0"),
+    "eval-tokens negative": (_field("metrics", "eval-tokens", -10), "metrics 'eval-tokens' = -10"),
+    "eval-tokens above examples x cutoff": (_field("metrics", "eval-tokens", 10 ** 9),
+                                            "metrics 'eval-tokens' = 1000000000"),
+    "eval-examples above client_eval_examples": (_field("metrics", "eval-examples", 10 ** 6),
+                                                 "metrics 'eval-examples' = 1000000"),
+    "eval-tokens as a float": (_field("metrics", "eval-tokens", 10.5), "metrics 'eval-tokens' = 10.5"),
+    "eval with an arrays record": (lambda f, s: f.kinds.update(arrays="array"), "unexpected ['arrays']"),
+    "eval metrics as a config record": (lambda f, s: f.kinds.update(metrics="config"),
+                                        "record 'metrics' = 'ConfigRecord'"),
+    "eval applied 0": (_field("metrics", "applied", 0), "metrics 'applied' = 0"),
+    "eval of an honest node's partition": (_field("config", "partition-id", 0), "partition 0 belongs to node"),
+}
+
+
+def forge_eval(kind: str, situation: Situation) -> RecordDict:
+    forged = valid_eval_reply(situation)
+    mutation, _ = EVAL_KINDS[kind]
+    mutation(forged, situation)
+    return forged.content()
+
+
+def eval_kind(adversaries: int, round_: int, attacker: int) -> str:
+    kinds = list(EVAL_KINDS)
+    return kinds[((round_ - 1) * adversaries + attacker) % len(kinds)]
+
+
 def schedule(adversaries: int) -> list[list[str]]:
     """Kinds per round (one per attacker), in :data:`KINDS` order; the last round is padded by repeating
     the first kinds."""
@@ -281,7 +322,8 @@ def situation_of(msg: Message, context: Context) -> Situation:
     meta = msg.content["config"]
     config = RunConfig.from_dict(json.loads(str(meta["flora-config"])), "message")
     assets = PROCESS_RUNTIME.assets(config)
-    sizes = {k: len(assets.examples("train:all" if config.spec.pooled else f"train:{k}", config.cutoff))
+    data = PROCESS_RUNTIME.simulation_data(config)  # an attacker in a simulation knows the whole dataset
+    sizes = {k: len(assets.encode(("partition train", k), data.train(k), config.cutoff))
              for k in range(config.num_partitions)}
     return Situation(config=config, partition=int(context.node_config["partition-id"]),
                      round=int(meta["server-round"]), applied_end=int(meta["first-index"]) + int(meta["num-updates"]),
@@ -316,6 +358,17 @@ def make_hostile_app(honest: int) -> ClientApp:
         kind = kinds[situation.round - 1][attacker] if situation.round <= len(kinds) else "missing config record"
         (out / f"{stem}.json").write_text(json.dumps({"node": str(context.node_id), "kind": kind}))
         return Message(content=forge(kind, situation), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        situation = situation_of(msg, context)
+        if situation.partition < honest:
+            return honest_app.evaluate(msg, context)
+        kind = eval_kind(situation.config.num_partitions - honest, situation.round, situation.partition - honest)
+        out = record_dir(situation.config)
+        stem = f"eval-round{situation.round}-partition{situation.partition}"
+        (out / f"{stem}.json").write_text(json.dumps({"node": str(context.node_id), "kind": kind}))
+        return Message(content=forge_eval(kind, situation), reply_to=msg)
 
     return app
 

@@ -5,7 +5,9 @@ Every RunConfig field is a key of ``[tool.flwr.app.config]`` under its own name,
 comma-separated strings: Flower's run-config values are scalars), so ``flwr run . --run-config "lr=0.001
 ranks='16,8,4,4' method='fedit'"`` takes every key the TOML file and ``--set`` take, converted and validated
 by the same :meth:`RunConfig.from_dict`. Two keys belong to the Flower app only: ``config-file`` (a FLoRA
-TOML file read first; the keys given with ``--run-config`` override it) and ``resume``. No flwr import here.
+TOML file read first; the keys given with ``--run-config`` override it), ``resume``, and ``simulation``
+(``flwr run`` against a local simulation SuperLink: the server deals the data out as shards, as ``flora run``
+does; without it the SuperNodes bring their own data). No flwr import here.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import tomllib
 
 from flora.config import ConfigError, RunConfig, load_config
 
-APP_KEYS = {"config-file": "", "resume": False}  # Flower-app keys that are not RunConfig fields
+APP_KEYS = {"config-file": "", "resume": False, "simulation": False}  # Flower-app keys that are not RunConfig fields
 
 
 def flower_value(value):
@@ -75,7 +77,7 @@ def config_from_flower(run_config: dict, overrides: dict | None = None) -> tuple
     validation); a key this app does not declare is refused by Flower before the run starts."""
     run_config = dict(run_config)
     overrides = dict(run_config if overrides is None else overrides)
-    resume = _flag(run_config.get("resume", False))
+    resume = flag(run_config, "resume")
     path = str(run_config.get("config-file") or "")
     given = {k: v for k, v in (overrides if path else run_config).items() if k not in APP_KEYS}
     values = {}
@@ -85,12 +87,14 @@ def config_from_flower(run_config: dict, overrides: dict | None = None) -> tuple
     return RunConfig.from_dict(values, f"run config (config-file {path!r})" if path else "run config"), resume
 
 
-def _flag(value) -> bool:
+def flag(run_config: dict, key: str) -> bool:
+    """A boolean app key of Flower's run config (false when absent)."""
+    value = run_config.get(key, False)
     if isinstance(value, bool):
         return value
     if str(value).lower() in ("true", "1", "false", "0"):
         return str(value).lower() in ("true", "1")
-    raise ConfigError(f"run config: resume = {value!r}: expected true or false")
+    raise ConfigError(f"run config: {key} = {value!r}: expected true or false")
 
 
 def pyproject_table(pyproject_text: str) -> dict:

@@ -1,4 +1,8 @@
-"""One client process, as plain Python: keep the global state in sync, train a partition's adapter.
+"""One client process, as plain Python: keep the global state in sync, train a partition's adapter on the
+node's own data, evaluate the global model on the node's own held-out split.
+
+A node's data is its own file only (``flora/data/node.py``): its ``data-path`` in a deployment, its
+partition's shard (``OUT/shards/partition-K.jsonl``, written by the simulation launcher) otherwise.
 
 How the client starts its adapter each round comes from the method's registry entry
 (``config.spec``: fresh, the global adapter, its first ``r_k`` ranks, its own, or warm factors with
@@ -8,15 +12,18 @@ the base weights shifted); the Flower ClientApp (``client_app.py``) is a thin sk
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from flora.adapters import LoraSpec
 from flora.config import RunConfig
+from flora.data.formats import DataError
+from flora.data.node import NodeData, shard_path
 from flora.lora.factors import Factors
 from flora.precision import temporary_update
-from flora.rounds import ClientReply, RoundUpdate
+from flora.rounds import ClientReply, EvalReply, RoundUpdate
 from flora.runtime import Runtime
 from flora.train import TrainSpec, attach_adapter, detach_adapter, extract_factors, train_client
 
@@ -75,11 +82,25 @@ class FederationClient:
 
     def __init__(self, config: RunConfig, runtime: Runtime):
         self.config = config
+        self.runtime = runtime
         self.assets = runtime.assets(config)
         self.state = runtime.client_state(config)
 
+    def data(self, client: int, node: str, data_path: str | None = None, data_format: str = "auto") -> NodeData:
+        """The node's own records: ``data_path`` (a deployed node's ``data-path``), else its partition's shard;
+        :class:`DataError` naming the node, its partition and the file otherwise."""
+        path = data_path or shard_path(self.config.out_dir, client)
+        try:
+            return self.runtime.node_data(self.config, path, data_format)
+        except DataError as exc:
+            hint = "" if data_path else ("; a deployed SuperNode names its own file with --node-config "
+                                         "\"data-path='FILE'\"; a `flwr run` simulation needs --run-config "
+                                         "\"simulation=true\"")
+            raise DataError(f"node {node} (partition-id {client}): {exc}{hint}") from None
+
     def train(self, client: int, node: str, round_: int, first_index: int, updates: Sequence[RoundUpdate],
-              rank: int | None = None, on_step: Callable[[int, int, float], None] | None = None) -> ClientReply:
+              rank: int | None = None, data_path: str | None = None, data_format: str = "auto",
+              on_step: Callable[[int, int, float], None] | None = None) -> ClientReply:
         """``on_step(step, steps, loss)`` after every optimizer step (progress lines)."""
         config, spec = self.config, self.config.spec
         num_partitions = config.num_partitions
@@ -93,7 +114,11 @@ class FederationClient:
             return ClientReply(client=client, node=node, factors=None, error=f"resync: {exc}",
                                applied=self.state.applied)
         rank = rank or config.client_rank(client)
-        examples = self.assets.examples("train:all" if spec.pooled else f"train:{client}", config.cutoff)
+        try:
+            data = self.data(client, node, data_path, data_format)
+        except DataError as exc:
+            return ClientReply(client=client, node=node, factors=None, error=str(exc), applied=self.state.applied)
+        examples = self.assets.encode(("node train", data.source, data.stamp), data.train, config.cutoff)
         steps = config.local_steps * (config.num_clients if spec.pooled else 1)  # same token budget as the federation
         train_spec = TrainSpec(steps=steps, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
                                lr=config.lr, seed=train_seed(config, round_, client),
@@ -114,6 +139,25 @@ class FederationClient:
         return ClientReply(client=client, node=node, factors=result.factors, num_examples=result.num_examples,
                            train_loss=result.train_loss, tokens=result.tokens, seconds=result.seconds,
                            applied=self.state.applied, rank=rank)
+
+    def evaluate(self, client: int, node: str, first_index: int, updates: Sequence[RoundUpdate],
+                 data_path: str | None = None, data_format: str = "auto") -> EvalReply:
+        """Federated evaluation: catch up with the global model, then its loss on the first
+        ``client_eval_examples`` of the node's held-out split (standalone: the node's own model's) and the
+        number of target tokens that loss averages over."""
+        config = self.config
+        try:
+            self.state.apply(updates, first_index)
+            data = self.data(client, node, data_path, data_format)
+        except (RuntimeError, DataError) as exc:
+            prefix = "resync: " if isinstance(exc, RuntimeError) else ""
+            return EvalReply(client=client, node=node, error=f"{prefix}{exc}", applied=self.state.applied)
+        examples = self.assets.encode(("node test", data.source, data.stamp), data.test, config.cutoff,
+                                      config.client_eval_examples)
+        adapter = self.state.adapter_of(client, config.spec.per_client_models)
+        loss, tokens = self.state.evaluate_tokens(self.assets.tokenizer, examples, adapter)
+        return EvalReply(client=client, node=node, loss=loss if tokens else math.nan, tokens=tokens,
+                         examples=len(examples), applied=self.state.applied)
 
     def start(self, client: int, rank: int, round_: int
               ) -> tuple[dict[str, Factors] | None, dict[str, torch.Tensor]]:

@@ -1,12 +1,24 @@
-"""Flower skin, client side: decode the round's payload, call :class:`FederationClient`, encode the reply."""
+"""Flower skin, client side: decode the round's payload, call :class:`FederationClient`, encode the reply.
+
+A SuperNode's node config: ``partition-id`` (and ``num-partitions``), optionally ``lora-rank``, and in a
+deployment ``data-path`` (its own data file or `datasets` directory) with an optional ``format``; without
+``data-path`` the node reads its partition's shard of a simulation (``flora/data/node.py``).
+
+A deployed SuperNode starts a new ClientApp process for every message, so the round updates the node holds
+(what the server's catch-up counts on) live in Flower's ``context.state`` (``flora-history``), which the
+SuperNode keeps for the run: a new process re-applies them before the message's own. A simulated node's
+process lives for the whole run and keeps them in memory (``PROCESS_RUNTIME``).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flora.audit import install_open_log
 from flora.client import FederationClient
 from flora.codec import factors_to_tensors, updates_from_tensors
 from flora.config import RunConfig
@@ -14,22 +26,40 @@ from flora.progress import step_printer
 from flora.runtime import PROCESS_RUNTIME
 
 app = ClientApp()
+install_open_log("client")
+
+
+HISTORY, HISTORY_COUNT = "flora-history", "flora-history-count"
+
+
+def _payload(msg: Message, context: Context) -> tuple[RunConfig, int, int, list, dict]:
+    """The run config, partition, catch-up updates and data source of a message to this node (the round
+    updates it held before, from ``context.state``, already re-applied in a new process)."""
+    meta = msg.content["config"]
+    config = RunConfig.from_dict(json.loads(str(meta["flora-config"])), "message")
+    first, count = int(meta["first-index"]), int(meta["num-updates"])
+    arrays = msg.content["arrays"]
+    tensors = arrays.to_torch_state_dict() if len(arrays) else {}
+    updates = updates_from_tensors(tensors, first, count)
+    node = context.node_config
+    if node.get("data-path"):  # a deployed node: a new process for every message
+        _restore_history(context, config)
+    source = {"data_path": str(node["data-path"]) if node.get("data-path") else None,
+              "data_format": str(node.get("format") or "auto")}
+    return config, int(node["partition-id"]), first, updates, source
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    meta = msg.content["config"]
-    config = RunConfig.from_dict(json.loads(str(meta["flora-config"])), "message")
-    partition_id = int(context.node_config["partition-id"])
+    config, partition_id, first, updates, source = _payload(msg, context)
     # Deployment: each SuperNode may set its own rank with --node-config "lora-rank=16".
     rank = int(context.node_config["lora-rank"]) if "lora-rank" in context.node_config else None
-    first, count = int(meta["first-index"]), int(meta["num-updates"])
-    arrays = msg.content["arrays"]
-    updates = updates_from_tensors(arrays.to_torch_state_dict() if len(arrays) else {}, first, count)
     client = FederationClient(config, PROCESS_RUNTIME)  # the assets and global state this process keeps
-    reply = client.train(partition_id, str(context.node_id), int(meta["server-round"]), first, updates, rank=rank,
+    server_round = int(msg.content["config"]["server-round"])
+    reply = client.train(partition_id, str(context.node_id), server_round, first, updates, rank=rank, **source,
                          on_step=None if config.dp_enabled else  # DP: no per-client statistic in shared logs
-                         step_printer(int(meta["server-round"]), config.rounds, partition_id))
+                         step_printer(server_round, config.rounds, partition_id))
+    _remember_history(msg, context, config)
     used_rank = rank or config.client_rank(partition_id)
     content = RecordDict({
         "arrays": ArrayRecord(torch_state_dict=factors_to_tensors(reply.factors)) if reply.factors else ArrayRecord(),
@@ -38,3 +68,44 @@ def train(msg: Message, context: Context) -> Message:
         "config": ConfigRecord({"partition-id": partition_id, "rank": used_rank, "error": reply.error or ""}),
     })
     return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation: the global model's loss on this node's own held-out split, and its token count."""
+    config, partition_id, first, updates, source = _payload(msg, context)
+    client = FederationClient(config, PROCESS_RUNTIME)
+    reply = client.evaluate(partition_id, str(context.node_id), first, updates, **source)
+    _remember_history(msg, context, config)
+    content = RecordDict({
+        "metrics": MetricRecord({"eval-loss": reply.loss if math.isfinite(reply.loss) else 0.0,
+                                 "eval-tokens": reply.tokens, "eval-examples": reply.examples,
+                                 "applied": reply.applied}),
+        "config": ConfigRecord({"partition-id": partition_id, "error": reply.error or ""}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+
+def _restore_history(context: Context, config: RunConfig) -> None:
+    """Re-apply the round updates this node held after its last message (a new process holds none)."""
+    state = PROCESS_RUNTIME.client_state(config)
+    count = int(context.state[HISTORY_COUNT]["count"]) if HISTORY_COUNT in context.state else 0
+    if state.applied < count:
+        state.apply(updates_from_tensors(context.state[HISTORY].to_torch_state_dict(), 0, count), 0)
+
+
+def _remember_history(msg: Message, context: Context, config: RunConfig) -> None:
+    """Keep in ``context.state`` every round update this node now holds (a deployed node only)."""
+    if not context.node_config.get("data-path"):
+        return
+    applied = PROCESS_RUNTIME.client_state(config).applied
+    count = int(context.state[HISTORY_COUNT]["count"]) if HISTORY_COUNT in context.state else 0
+    if applied <= count:
+        return
+    kept = context.state[HISTORY].to_torch_state_dict() if count else {}
+    arrays = msg.content["arrays"]
+    new = {key: tensor for key, tensor in (arrays.to_torch_state_dict() if len(arrays) else {}).items()
+           if count <= int(key.split(".", 1)[0][1:]) < applied}
+    context.state[HISTORY] = ArrayRecord(torch_state_dict={**kept, **new})
+    context.state[HISTORY_COUNT] = ConfigRecord({"count": applied})

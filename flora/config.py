@@ -89,6 +89,7 @@ class RunConfig:
     # evaluation and run
     eval_examples: int = 64  # global test examples scored every round (0 = all)
     client_eval_examples: int = 16  # per client: examples of its own test split scored every round (0 = off)
+    server_test_data: str = ""  # the operator's held-out set for test_loss (a file); "" = simulation: the global split, deployment: none
     seed: int = 0
     threads: int = 0  # torch threads (0 = torch's default)
     out_dir: str = "runs/latest"

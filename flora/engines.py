@@ -6,7 +6,7 @@ give the same metrics; the CLI, ``flora compare`` and the benchmarks all start r
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flora.client import FederationClient
@@ -70,7 +70,24 @@ def run_in_process(config: RunConfig, runtime: Runtime | None = None, progress: 
                 view.line(client_line(round_, reply))
             replies.append(reply)
         record = server.aggregate_round(round_, replies, bytes_down, started)
+        if server.federated_evaluation:
+            evaluate_in_process(server, client, round_, chosen)
         writer.round_done(server)
         view.line(format_round(public_record(config, record)))
     view.close()
     return server
+
+
+def evaluate_in_process(server: FederationServer, client: FederationClient, round_: int,
+                        clients: Sequence[int]) -> None:
+    """Federated evaluation after ``round_`` by the round's ``clients`` (what the Flower engine's evaluate
+    messages do): each catches up with the global model and scores its own held-out split."""
+    config = server.config
+    started = time.perf_counter()
+    replies, bytes_down = [], 0
+    for k in clients:
+        node = f"node-{k}"
+        bytes_down += server.download_bytes(node, config.client_rank(k))
+        first, updates = server.updates_for(node)
+        replies.append(client.evaluate(k, node, first, updates))
+    server.record_evaluation(round_, replies, bytes_down, time.perf_counter() - started)

@@ -90,11 +90,17 @@ def micro_batches(batch: Sequence[Example], size: int) -> list[list[Example]]:
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-@torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, tokenizer, examples: Sequence[Example], batch_size: int = 8) -> float:
     """Mean next-token loss over assistant tokens (``exp`` of it is the perplexity); NaN without examples."""
+    return evaluate_loss_tokens(model, tokenizer, examples, batch_size)[0]
+
+
+@torch.no_grad()
+def evaluate_loss_tokens(model: torch.nn.Module, tokenizer, examples: Sequence[Example], batch_size: int = 8
+                         ) -> tuple[float, int]:
+    """:func:`evaluate_loss` and the number of target tokens it averages over (a federated evaluation's weight)."""
     if not examples:
-        return math.nan
+        return math.nan, 0
     pad_id = pad_token_id(tokenizer)
     total, count = 0.0, 0
     with eval_mode(model):
@@ -102,4 +108,4 @@ def evaluate_loss(model: torch.nn.Module, tokenizer, examples: Sequence[Example]
             loss_sum, n = target_loss_sum(model, collate(micro, pad_id))
             total += float(loss_sum)
             count += n
-    return total / count
+    return (total / count if count else math.nan), count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from flora.checkpoint import record_from_json
@@ -36,7 +37,11 @@ def write_report(out: Path) -> str:
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = [m["round"] for m in metrics]
     start = initial_point(out)  # the base model's test loss: the curve starts at round 0
-    ax.plot([0] * bool(start) + rounds, start + [m["test_loss"] for m in metrics], marker="o", label="global test loss")
+    ax.plot([0] * bool(start) + rounds, start + [m["test_loss"] for m in metrics], marker="o",
+            label="global test loss")  # NaN: no server test set
+    if any("client_test_loss" in m for m in metrics):
+        ax.plot(rounds, [m.get("client_test_loss", float("nan")) for m in metrics], marker="^",
+                label="clients' test loss (federated)")
     ax.plot(rounds, [m["train_loss"] for m in metrics], marker="s", label="client train loss")
     ax.set_xticks(round_ticks((0 if start else 1), max(rounds, default=1)))
     ax.set_xlabel("round")
@@ -52,7 +57,10 @@ def write_report(out: Path) -> str:
 def initial_point(out: Path) -> list[float]:
     """``[test loss of the base model]`` from ``OUT/round0.json``, or ``[]`` (runs written before it existed)."""
     path = out / "round0.json"
-    return [float(json.loads(path.read_text())["test_loss"])] if path.is_file() else []
+    if not path.is_file():
+        return []
+    loss = json.loads(path.read_text())["test_loss"]
+    return [math.nan if loss is None else float(loss)]  # None: no server test set
 
 
 def round_ticks(first: int, last: int, most: int = 12) -> list[int]:

@@ -29,7 +29,7 @@ import torch
 from flora.data.tokenize import Example
 from flora.lora.factors import Factors, truncate_factors
 from flora.lora.warm import WarmSource
-from flora.modeling import evaluate_loss
+from flora.modeling import evaluate_loss_tokens
 from flora.precision import Merge, apply_merges, dense, temporary_update  # noqa: F401 (Merge, dense: re-exported)
 
 
@@ -79,6 +79,20 @@ class ClientReply:
     applied: int = 0  # round updates the client's model holds after this round's catch-up
     rank: int = 0  # the adapter's (initial) rank; AdaLoRA may send fewer
     rejection: str | None = None  # why the server's decoding rejected the reply (``flora/wire_checks.py``)
+
+
+@dataclass
+class EvalReply:
+    """A node's federated evaluation of the global model (its own model, standalone) on its held-out split."""
+
+    client: int  # partition id
+    node: str
+    loss: float = math.nan  # mean loss over ``tokens`` target tokens (NaN: no held-out examples)
+    tokens: int = 0
+    examples: int = 0
+    applied: int = 0
+    error: str | None = None
+    rejection: str | None = None
 
 
 class GlobalState:
@@ -143,8 +157,13 @@ class GlobalState:
                  batch_size: int = 8) -> float:
         """Loss of base + ``adapter`` (merged temporarily; the base weights are restored bit for bit, also
         when merging or evaluating fails half-way)."""
+        return self.evaluate_tokens(tokenizer, examples, adapter, batch_size)[0]
+
+    def evaluate_tokens(self, tokenizer, examples: Sequence[Example], adapter: Mapping[str, Factors] | None,
+                        batch_size: int = 8) -> tuple[float, int]:
+        """:meth:`evaluate` and the number of target tokens the loss averages over."""
         with temporary_update(self.model, {name: B @ A for name, (A, B) in (adapter or {}).items()}):
-            return evaluate_loss(self.model, tokenizer, examples, batch_size)
+            return evaluate_loss_tokens(self.model, tokenizer, examples, batch_size)
 
     def adapter_of(self, client: int, per_client: bool) -> dict[str, Factors] | None:
         """The adapter on top of the merged weights that makes client ``client``'s model: its own

@@ -1,8 +1,10 @@
 """The loaded assets of a process and the global states built on them, owned by one explicit object.
 
-A :class:`Runtime` loads the model, tokenizer, records and partition once per :class:`AssetKey` and
-keeps the :class:`~flora.rounds.GlobalState` of the client process on top of that model; ``reset()``
-forgets both (the next run starts from the base weights). Tests and in-process engines make their own
+A :class:`Runtime` loads the model and tokenizer once per :class:`AssetKey` and keeps the
+:class:`~flora.rounds.GlobalState` of the client process on top of that model; ``reset()`` forgets both
+(the next run starts from the base weights). Data is loaded apart from the model: a node's own file
+(:meth:`Runtime.node_data`, ``flora/data/node.py``) or, only where this process runs a simulation, the one
+dataset and its seeded partition (:meth:`Runtime.simulation_data`). Tests and in-process engines make their own
 runtime; the Flower ClientApp, which Flower constructs anew for every message of a long-lived client
 process, uses :data:`PROCESS_RUNTIME`.
 """
@@ -11,12 +13,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from flora.config import ConfigError, RunConfig
+from flora.data.formats import Record
+from flora.data.node import NodeData, load_node_data
 from flora.data.partition import Partition, partition
 from flora.data.sources import load_records
 from flora.data.tokenize import Example, encode_all
@@ -30,7 +35,7 @@ from flora.rounds import GlobalState
 
 @dataclass(frozen=True)
 class AssetKey:
-    """The config fields that determine a run's assets (model weights, records, partition)."""
+    """The config fields that determine a run's assets (model weights; records and partition in a simulation)."""
 
     model: str
     data: str
@@ -54,47 +59,55 @@ class AssetKey:
 class Assets:
     model: torch.nn.Module
     tokenizer: object
-    partition: Partition
-    records: list
     layer_shapes: dict[str, tuple[int, int]]
-    encoded: dict[tuple[str, int, int], list[Example]] = field(default_factory=dict)  # (split, cutoff, limit)
+    encoded: dict[tuple, list[Example]] = field(default_factory=dict)  # (what, cutoff, limit) -> examples
 
-    def examples(self, which: str, cutoff: int, limit: int = 0) -> list[Example]:
-        """Tokenised examples of a split: ``train:K``, ``test:K`` (client K), ``train:all`` or ``test`` (global)."""
-        key = (which, cutoff, limit)
+    def encode(self, what: tuple, records: Sequence[Record], cutoff: int, limit: int = 0) -> list[Example]:
+        """Tokenised ``records`` (their first ``limit``; 0 = all), cached under ``what`` (names the records)."""
+        key = (what, cutoff, limit)
         if key not in self.encoded:
-            if which == "test":
-                indices = self.partition.test
-            elif which == "train:all":
-                indices = sorted(i for c in self.partition.clients for i in c)
-            else:
-                kind, k = which.split(":")
-                indices = (self.partition.clients if kind == "train" else self.partition.client_tests)[int(k)]
-            if limit:
-                indices = indices[:limit]
-            self.encoded[key] = encode_all(self.tokenizer, [self.records[i] for i in indices], cutoff)[0]
+            self.encoded[key] = encode_all(self.tokenizer, list(records[:limit] if limit else records), cutoff)[0]
         return self.encoded[key]
 
     def with_own_model(self) -> Assets:
-        """The same data and tokenised examples (shared, not copied) with a private copy of the model."""
+        """The same tokenizer and tokenised examples (shared, not copied) with a private copy of the model."""
         return dataclasses.replace(self, model=copy.deepcopy(self.model))
 
 
+@dataclass(frozen=True)
+class SimulationData:
+    """A simulation's one dataset and its seeded partition (never loaded by a deployment's server or nodes)."""
+
+    records: list[Record]
+    partition: Partition
+
+    def train(self, client: int) -> list[Record]:
+        return [self.records[i] for i in self.partition.clients[client]]
+
+    def test(self) -> list[Record]:
+        """The global held-out split (the server's test set in a simulation)."""
+        return [self.records[i] for i in self.partition.test]
+
+
 def load_assets(config: RunConfig) -> Assets:
-    """Model, tokenizer, records and partition for ``config`` (uncached; see :class:`Runtime`)."""
+    """Model and tokenizer for ``config`` (uncached; see :class:`Runtime`)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     loaded = load_model(config.model, **model_options(config))
     check_target_modules(loaded.model, config.targets)
     if config.quantize != "none":
         prepare_quantized(loaded.model)
+    return Assets(model=loaded.model, tokenizer=loaded.tokenizer, layer_shapes=layer_shapes(loaded.model, config.targets))
+
+
+def load_simulation_data(config: RunConfig) -> SimulationData:
+    """The run's dataset (``data``) dealt into ``num_partitions`` partitions and a global test split."""
     records, _ = load_records(config.data, fmt=config.format)
     num_clients = config.num_partitions
     split = partition(records, num_clients, scheme=config.partition if num_clients > 1 else "iid",
                       alpha=config.dirichlet_alpha, seed=config.seed, test_fraction=config.test_fraction,
                       max_examples=config.max_examples or None)
-    return Assets(model=loaded.model, tokenizer=loaded.tokenizer, partition=split, records=records,
-                  layer_shapes=layer_shapes(loaded.model, config.targets))
+    return SimulationData(records=records, partition=split)
 
 
 def check_ranks_fit(config: RunConfig, shapes: Mapping[str, tuple[int, int]]) -> None:
@@ -136,6 +149,8 @@ class Runtime:
     def __init__(self) -> None:
         self._assets: dict[AssetKey, Assets] = {}
         self._client_states: dict[AssetKey, GlobalState] = {}
+        self._simulation: dict[AssetKey, SimulationData] = {}
+        self._node_data: dict[tuple, NodeData] = {}
 
     def assets(self, config: RunConfig) -> Assets:
         key = AssetKey.of(config)
@@ -153,13 +168,34 @@ class Runtime:
         return self._client_states[key]
 
     def server_assets(self, config: RunConfig) -> Assets:
-        """The server's assets: its own copy of the model, the clients' data and tokenised examples."""
+        """The server's assets: its own copy of the model, the shared tokenizer and tokenised examples."""
         return self.assets(config).with_own_model()
 
+    def simulation_data(self, config: RunConfig) -> SimulationData:
+        """The simulation's dataset and partition (the launcher's and a simulation server's, never a node's)."""
+        key = AssetKey.of(config)
+        if key not in self._simulation:
+            self._simulation[key] = load_simulation_data(config)
+        return self._simulation[key]
+
+    def node_data(self, config: RunConfig, path: str | Path, fmt: str = "auto") -> NodeData:
+        """A node's own records from ``path`` (its ``data-path``, or its shard in a simulation)."""
+        try:
+            stat = Path(path).expanduser().stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            stamp = None  # load_node_data names the missing file
+        key = (str(path), stamp, fmt, config.test_fraction, config.seed)
+        if key not in self._node_data:
+            self._node_data[key] = load_node_data(path, fmt, config.test_fraction, config.seed)
+        return self._node_data[key]
+
     def reset(self) -> None:
-        """Forget every loaded model and global state: the next run starts from the base weights."""
+        """Forget every loaded model, data set and global state: the next run starts from the base weights."""
         self._assets.clear()
         self._client_states.clear()
+        self._simulation.clear()
+        self._node_data.clear()
 
 
 PROCESS_RUNTIME = Runtime()

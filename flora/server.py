@@ -22,6 +22,13 @@ one partition in a round are both rejected. A rejected reply is logged with node
 and counted in ``clients_rejected``; the round goes on with the others. Client weights come from the
 partitions' sizes where the server knows them (``known_partitions``: an engine that made the
 partitions itself), else they are uniform, or with ``max_client_weight`` the claimed sizes capped.
+
+Evaluation: the global ``test_loss`` is the server's own, on the operator's held-out set
+(``server_test_data``; in a simulation by default the partitioner's global test split; a deployment
+without one has none: ``test_loss`` null and ``test_set`` says so). The clients' losses on their own
+held-out splits come from federated evaluation (:meth:`FederationServer.record_evaluation`): each node
+reports a loss and its token count, screened like a training reply, and ``client_test_loss`` is their
+token-weighted mean. The server never opens a node's data in a deployment.
 """
 
 from __future__ import annotations
@@ -46,9 +53,10 @@ from flora.lora.factors import InvalidUpdateError, cap_weights, check_update, no
 from flora.lora.methods import aggregate
 from flora.lora.refactor import refactorize, smallest_exact_form
 from flora.lora.robust import clip_update, mad_outliers, update_norm
-from flora.rounds import ClientReply, GlobalState, Merge, RoundUpdate, dense, nbytes
-from flora.runtime import Assets, global_state
-from flora.wire_checks import RejectedReply, ReplyRules, check_reply_fields
+from flora.data.formats import Record
+from flora.rounds import ClientReply, EvalReply, GlobalState, Merge, RoundUpdate, dense, nbytes
+from flora.runtime import Assets, SimulationData, global_state
+from flora.wire_checks import EvalRules, RejectedReply, ReplyRules, check_eval_fields, check_reply_fields
 
 # With differential privacy, the only numbers of a round that leave the operator's own files
 # (metrics.jsonl): the privatised model's loss on the operator's test set and the accountant's output.
@@ -77,15 +85,19 @@ class Aggregated:
 class FederationServer:
     """Round bookkeeping, validation, aggregation, broadcast forms and evaluation.
 
-    ``known_partitions``: the server made the clients' partitions itself (an engine of this process:
-    in-process or a Flower simulation), so it knows each partition's size and configured rank; a
-    deployment's server does not (each SuperNode brings its own data and rank).
+    ``simulation``: the dataset and partition the simulation dealt out (so the server knows each partition's
+    size and configured rank: ``known_partitions``); a deployment's server has none (each SuperNode brings its
+    own data and rank). ``test_records``: the server's own held-out set (None: federated evaluation only).
     """
 
-    def __init__(self, config: RunConfig, assets: Assets, known_partitions: bool = False):
+    def __init__(self, config: RunConfig, assets: Assets, simulation: SimulationData | None = None,
+                 test_records: list[Record] | None = None, test_set: str = "none"):
         self.config = config
         self.assets = assets
-        self.known_partitions = known_partitions
+        self.simulation = simulation
+        self.known_partitions = simulation is not None
+        self.test_records = test_records
+        self.test_set = test_set if test_records is not None else "none: federated evaluation only"
         self.state: GlobalState = global_state(config, assets.model)
         self.history = self.new_history()
         self.node_applied: dict[str, int] = {}  # how many history entries each node's model holds
@@ -158,8 +170,8 @@ class FederationServer:
     def known_size(self, partition: int) -> int:
         """Training examples of ``partition`` (what its honest client reports as ``num-examples``)."""
         if partition not in self._sizes:
-            split = "train:all" if self.config.spec.pooled else f"train:{partition}"
-            self._sizes[partition] = len(self.assets.examples(split, self.config.cutoff))
+            records = self.simulation.train(partition)
+            self._sizes[partition] = len(self.assets.encode(("partition train", partition), records, self.config.cutoff))
         return self._sizes[partition]
 
     @property
@@ -191,6 +203,7 @@ class FederationServer:
         if not config.dp_enabled and aggregated.weights:
             record["client_weights"] = {str(r.client): p for r, p in zip(accepted, aggregated.weights)}
             record["client_train_loss"] = {str(r.client): r.train_loss for r in accepted}
+            record["client_weights_from"] = self.weights_from()
         self.apply(aggregated.update)
         record.update(rank_record(accepted, self.assets.layer_shapes))
         record["aggregation_error"] = aggregated.error
@@ -200,7 +213,7 @@ class FederationServer:
         record["aggregate_seconds"] = time.perf_counter() - aggregation_started  # validation + aggregation + broadcast
         record["train_tokens"] = sum(r.tokens for r in accepted)
         record["train_seconds"] = sum(r.seconds for r in accepted)  # summed over clients (they may overlap)
-        record.update(self.evaluate_round(sorted({r.client for r in replies if 0 <= r.client < config.num_clients})))
+        record.update(self.evaluate_round())
         record["seconds"] = time.perf_counter() - started
         self.metrics.append(record)
         return record
@@ -366,6 +379,18 @@ class FederationServer:
         weights = normalize_weights(sizes)
         return cap_weights(weights, config.max_client_weight) if config.max_client_weight else weights
 
+    def weights_from(self) -> str:
+        """What :meth:`weights` based this run's client weights on (recorded with them every round)."""
+        config = self.config
+        if config.weighting == "uniform" or self.unweighted_claims:
+            source = "uniform"
+        elif self.known_partitions:
+            source = "partition sizes (known to the simulation's server)"
+        else:
+            source = "example counts the nodes reported"
+        return source + (f", capped at max_client_weight = {config.max_client_weight:g}"
+                         if config.max_client_weight else "")
+
     def _unchanged(self, round_: int, layer: str, record: dict | None = None) -> Aggregated:
         """An empty update: the aggregate of ``layer`` is not finite and never touches the global model."""
         log.error("round %d: the aggregate of layer %r is not finite; global model unchanged", round_, layer)
@@ -434,42 +459,85 @@ class FederationServer:
         return form, (A, B)
 
     # evaluation -------------------------------------------------------------------------------
-    def evaluate_round(self, clients: Sequence[int] | None = None) -> dict:
-        """Global test loss and perplexity, the test loss of each of ``clients`` (this round's; None: all), and
-        the seconds it took."""
+    def evaluate_round(self) -> dict:
+        """Global test loss and perplexity on the server's own held-out set (NaN: it has none), and the
+        seconds it took; the clients' losses come later (:meth:`record_evaluation`)."""
         started = time.perf_counter()
-        record = {"test_loss": self.evaluate()}
+        record = {"test_loss": self.evaluate(), "test_set": self.test_set}
         record["test_ppl"] = math.exp(record["test_loss"]) if math.isfinite(record["test_loss"]) else math.nan
-        clients = range(self.config.num_clients) if clients is None else clients
-        client_losses = self.evaluate_clients(clients)
-        record["client_test_loss"] = [None if math.isnan(x) else x for x in client_losses]
-        if len(clients) != self.config.num_clients:
-            record["client_test_clients"] = list(clients)
-        finite = [x for x in client_losses if math.isfinite(x)]
-        record["client_test_loss_mean"] = sum(finite) / len(finite) if finite else math.nan
         record["eval_seconds"] = time.perf_counter() - started
         return record
 
     def test_examples(self) -> list[Example]:
-        return self.assets.examples("test", self.config.cutoff, self.config.eval_examples)
-
-    def evaluate_clients(self, clients: Sequence[int]) -> list[float]:
-        """Loss on each of ``clients``' own test split (its first ``client_eval_examples``): the global model,
-        or where each client keeps its own model (standalone) that model (NaN: no split). A round evaluates
-        the clients it asked, so its cost grows with the sampled clients, not with the registered ones."""
-        limit, spec = self.config.client_eval_examples, self.config.spec
-        if not limit or spec.pooled:
+        if self.test_records is None:
             return []
-        losses = []
-        for k in clients:
-            examples = self.assets.examples(f"test:{k}", self.config.cutoff, limit)
-            adapter = self.state.adapter_of(k, spec.per_client_models)
-            losses.append(self.state.evaluate(self.assets.tokenizer, examples, adapter) if examples else math.nan)
-        return losses
+        return self.assets.encode(("server test",), self.test_records, self.config.cutoff, self.config.eval_examples)
+
+    @property
+    def federated_evaluation(self) -> bool:
+        """Nodes evaluate the global model on their own held-out splits after every round."""
+        return bool(self.config.client_eval_examples) and not self.config.spec.pooled
+
+    def eval_rules_for(self, node: str) -> EvalRules:
+        return EvalRules(num_partitions=self.config.num_partitions, max_examples=self.config.client_eval_examples,
+                         max_tokens_per_example=self.config.cutoff, applied_end=self.sent.get(node))
+
+    def record_evaluation(self, round_: int, replies: Sequence[EvalReply], bytes_down: int = 0,
+                          seconds: float = 0.0) -> dict:
+        """Screen the round's federated-evaluation replies and add them to the round's record: per client its
+        loss and token count, ``client_test_loss`` their token-weighted mean (NaN: none), the evaluation's
+        download bytes (they also count in ``bytes_down``)."""
+        record = self.metrics[-1]
+        accepted, claims = [], {}
+        for reply in replies:
+            reason = reply.rejection
+            if reason is None:
+                try:
+                    check_eval_fields(reply, self.eval_rules_for(reply.node))
+                except RejectedReply as exc:
+                    reason = str(exc)
+            if reason is None and reply.error is None:
+                bound = self.node_partition.get(reply.node)
+                owners = [n for n, k in self.node_partition.items() if k == reply.client and n != reply.node]
+                if bound is not None and bound != reply.client:
+                    reason = f"config 'partition-id' = {reply.client}: expected {bound}, the partition of node {reply.node}"
+                elif owners:
+                    reason = f"config 'partition-id' = {reply.client}: partition {reply.client} belongs to node {owners[0]}"
+            if reason is not None:
+                log.warning("round %d: rejected evaluation: client %s (node %s): %s", round_,
+                            "?" if reply.client == -1 else reply.client, reply.node, reason)
+                continue
+            self.node_applied[reply.node] = reply.applied
+            if reply.error is not None:
+                log.warning("round %d: client %s (node %s) evaluation failed: %s", round_, reply.client, reply.node,
+                            printable(reply.error[:300]))
+                continue
+            claims.setdefault(reply.client, []).append(reply)
+        for partition, claimants in sorted(claims.items()):
+            if len(claimants) > 1:
+                log.warning("round %d: rejected evaluation: client %d (nodes %s): claimed by %d nodes in one round",
+                            round_, partition, ", ".join(r.node for r in claimants), len(claimants))
+                continue
+            accepted.append(claimants[0])
+        self.sent.clear()
+        scored = [r for r in accepted if r.tokens > 0]
+        tokens = sum(r.tokens for r in scored)
+        record["client_test_loss"] = sum(r.loss * r.tokens for r in scored) / tokens if tokens else math.nan
+        record["client_test_losses"] = {str(r.client): r.loss for r in scored}
+        record["client_test_tokens"] = {str(r.client): r.tokens for r in scored}
+        record["clients_evaluated"] = len(scored)
+        record["bytes_down_eval"] = bytes_down
+        record["bytes_down"] += bytes_down
+        record["federated_eval_seconds"] = seconds
+        record["seconds"] += seconds
+        return record
 
     def evaluate(self) -> float:
-        """Global test loss: of the global model, or the mean over clients' own models (standalone)."""
+        """Global test loss: of the global model, or the mean over clients' own models (standalone); NaN
+        without a server test set."""
         examples = self.test_examples()
+        if not examples:
+            return math.nan
         if self.config.spec.per_client_models:
             losses = [self.state.evaluate(self.assets.tokenizer, examples, adapter)
                       for adapter in self.state.client_adapters.values()]

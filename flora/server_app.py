@@ -8,7 +8,8 @@ import sys
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from flora.app_config import config_from_flower
+from flora.app_config import config_from_flower, flag
+from flora.audit import install_open_log
 from flora.config import RunConfig
 from flora.runner import start_run
 from flora.runtime import Runtime
@@ -29,15 +30,18 @@ def run_server(grid: Grid, config: RunConfig, resume: bool = False, progress=pri
 def make_server_app(known_partitions: bool = False, progress=print) -> ServerApp:
     """A ServerApp reading Flower's run config (:func:`flora.app_config.config_from_flower`: every RunConfig key,
     plus ``config-file`` and ``resume``). ``known_partitions``: the clients' partitions are the ones this
-    server's config makes (a simulation started by ``flora run``); a deployment's server cannot know what
-    the SuperNodes hold."""
+    server's config makes (a simulation started by ``flora run``); the run config's ``simulation = true``
+    says the same for ``flwr run`` against a local simulation SuperLink. Such a server writes every partition's
+    shard for its node; otherwise (a deployment) each SuperNode brings its own data and the server reads none."""
     server_app = ServerApp()
+    install_open_log("server")
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         _log_to_stream()
         config, resume = config_from_flower(dict(context.run_config), dict(grid.run.override_config))
-        run_server(grid, config, resume, progress, known_partitions)
+        simulation = known_partitions or flag(dict(context.run_config), "simulation")
+        run_server(grid, config, resume, progress, simulation)
 
     return server_app
 

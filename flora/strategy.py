@@ -9,6 +9,11 @@ Wire format (``ArrayRecord`` key → tensor, keys of ``flora/codec.py``; ``Confi
 * client → server: ``{layer}.A|B`` factors; metrics ``num-examples``, ``train-loss``, ``tokens``,
   ``seconds``, ``applied``; config ``partition-id``, ``rank``, ``error`` (empty when fine). Exactly these
   keys and records, checked before anything is materialised (``flora/wire_checks.py``).
+* federated evaluation, after every round's aggregation (``client_eval_examples > 0``): an ``evaluate``
+  message to every connected node, with the same arrays and config as a train message (it brings the node
+  up to the new global model); the reply holds metrics ``eval-loss``, ``eval-tokens``, ``eval-examples``,
+  ``applied`` and config ``partition-id``, ``error``, and no arrays. The round's line in ``metrics.jsonl``
+  is written once these replies are in.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ from flwr.serverapp.strategy import FedAvg
 
 from flora.codec import updates_to_tensors
 from flora.config import RunConfig
-from flora.rounds import ClientReply
+from flora.rounds import ClientReply, EvalReply
 from flora.runner import ResultsWriter, client_line, format_round, round_line
 from flora.server import FederationServer, public_record, round_clients
-from flora.wire_checks import ArrayMeta, ReplyView, decode_reply
+from flora.wire_checks import ArrayMeta, ReplyView, decode_eval_reply, decode_reply
 
 log = logging.getLogger("flora")
 
@@ -48,9 +53,10 @@ class FloraStrategy(FedAvg):
         self.server = server
         self.writer = writer
         self.progress = progress
-        self._round_started = 0.0
-        self._bytes_down = 0
-        self._sent: list[Message] = []
+        self._round_started = self._eval_started = 0.0
+        self._bytes_down = self._eval_bytes = 0
+        self._sent: list[Message] = []  # this phase's (train or evaluate) messages
+        self._chosen: list[int] = []  # the nodes asked to train this round
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -64,55 +70,109 @@ class FloraStrategy(FedAvg):
         if not self.config.dp_enabled:  # with DP how many take part is an unprivatised statistic
             self.progress(round_line(server_round, self.config.rounds,
                                      f"{len(chosen)} of {len(node_ids)} connected nodes"))
-        messages, self._bytes_down = [], 0
-        for node_id in chosen:
+        self._chosen = chosen  # federated evaluation asks the same nodes
+        self._sent, self._bytes_down = self._messages(chosen, server_round, "train")
+        return self._sent  # the Grid stamps their message ids when it pushes them
+
+    def _messages(self, node_ids: Sequence[int], server_round: int, message_type: str) -> tuple[list[Message], int]:
+        """A message to each node bringing it up to the global model (the history entries it lacks), and
+        their payload bytes."""
+        messages, size = [], 0
+        for node_id in node_ids:
             node = str(node_id)
             first, updates = self.server.updates_for(node)
             rank = self.server.sent_rank(node)  # a bounded rank of an accepted reply, never a bare claim
             payload = ArrayRecord(torch_state_dict=updates_to_tensors(updates, first, rank))
-            self._bytes_down += payload.count_bytes()
+            size += payload.count_bytes()
             meta = ConfigRecord({"flora-config": self.config.to_json(), "first-index": first,
                                  "num-updates": sum(u.span for u in updates), "server-round": server_round,
                                  "truncated-rank": rank or 0})
-            message = Message(content=RecordDict({"arrays": payload, "config": meta}), dst_node_id=node_id,
-                              message_type="train")
-            messages.append(message)
-        self._sent = messages  # the Grid stamps their message ids when it pushes them
-        return messages
+            messages.append(Message(content=RecordDict({"arrays": payload, "config": meta}), dst_node_id=node_id,
+                                    message_type=message_type))
+        return messages, size
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        server_round = len(self.server.history) + 1
-        # An error reply made by the SuperLink (e.g. node unavailable) comes from the SuperLink's own id:
-        # map every reply to the node its message was sent to.
+    def _by_node(self, replies: Iterable[Message]) -> tuple[dict[str, list[Message]], list[str], list[Message]]:
+        """Replies grouped by the node their message was sent to, the nodes that never answered, and replies
+        to no message of this phase. An error reply made by the SuperLink (e.g. node unavailable) comes from the
+        SuperLink's own id: every reply maps to its message's destination."""
         destination = {m.metadata.message_id: str(m.metadata.dst_node_id) for m in self._sent}
         by_node: dict[str, list[Message]] = {}
-        parsed = []
+        unsolicited = []
         for message in replies:
             node = destination.get(message.metadata.reply_to_message_id)
             if node is None:
-                parsed.append(ClientReply(client=-1, node=str(message.metadata.src_node_id), factors=None,
-                                          rejection="reply_to_message_id: expected a message sent this round"))
-                continue
-            by_node.setdefault(node, []).append(message)
+                unsolicited.append(message)
+            else:
+                by_node.setdefault(node, []).append(message)
+        return by_node, sorted(set(destination.values()) - set(by_node)), unsolicited
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round = len(self.server.history) + 1
+        by_node, silent, unsolicited = self._by_node(replies)
+        parsed = [ClientReply(client=-1, node=str(m.metadata.src_node_id), factors=None,
+                              rejection="reply_to_message_id: expected a message sent this round") for m in unsolicited]
         for node, messages in by_node.items():
             if len(messages) > 1:
                 parsed.append(ClientReply(client=-1, node=node, factors=None,
                                           rejection=f"replies = {len(messages)}: expected one reply per message"))
             else:
                 parsed.append(self._decode(node, messages[0]))
-        for node in sorted(set(destination.values()) - set(by_node)):  # nodes that never answered
+        for node in silent:  # nodes that never answered
             parsed.append(self._failed(node, f"no reply within round_timeout = {self.config.round_timeout:g} s"))
         if not self.config.dp_enabled:  # with DP a client's loss is an unprivatised statistic
             for reply in parsed:
                 if reply.rejection is None and reply.error is None:
                     self.progress(client_line(server_round, reply))
         record = self.server.aggregate_round(server_round, parsed, self._bytes_down, self._round_started)
+        if self.server.federated_evaluation:
+            return ArrayRecord(), None  # the round's record is complete after aggregate_evaluate
+        return ArrayRecord(), self._round_done(record)
+
+    def _round_done(self, record: dict) -> MetricRecord:
         if self.writer is not None:
             self.writer.round_done(self.server)
         public = public_record(self.config, record)
         self.progress(format_round(public))
-        numbers = {k: float(v) for k, v in public.items() if isinstance(v, (int, float)) and v == v}
-        return ArrayRecord(), MetricRecord(numbers)
+        return MetricRecord({k: float(v) for k, v in public.items() if isinstance(v, (int, float)) and v == v})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Federated evaluation of the round's global model on the held-out split of every node asked to train in
+        it (the cost grows with the sampled nodes, not with the connected ones)."""
+        if not self.server.federated_evaluation:
+            return []
+        self._eval_started = time.perf_counter()
+        self._sent, self._eval_bytes = self._messages(self._chosen, len(self.server.history), "evaluate")
+        return self._sent
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if not self.server.federated_evaluation:
+            return None
+        by_node, silent, unsolicited = self._by_node(replies)
+        parsed = [EvalReply(client=-1, node=str(m.metadata.src_node_id),
+                            rejection="reply_to_message_id: expected a message sent this round") for m in unsolicited]
+        for node, messages in by_node.items():
+            message = messages[0]
+            if len(messages) > 1:
+                parsed.append(EvalReply(client=-1, node=node,
+                                        rejection=f"replies = {len(messages)}: expected one reply per message"))
+            elif message.has_error():
+                parsed.append(self._eval_failed(node, f"{message.error.code}: {message.error.reason}"[:300]))
+            else:
+                try:
+                    parsed.append(decode_eval_reply(reply_view(message), node, self.server.eval_rules_for(node)))
+                except Exception as exc:  # noqa: BLE001 -- no reply may end the run
+                    log.exception("round %d: node %s: decoding its evaluation failed", len(self.server.history), node)
+                    parsed.append(EvalReply(client=-1, node=node, rejection=f"undecodable reply ({type(exc).__name__})"))
+        for node in silent:
+            parsed.append(self._eval_failed(node, f"no reply within round_timeout = {self.config.round_timeout:g} s"))
+        record = self.server.record_evaluation(len(self.server.history), parsed, self._eval_bytes,
+                                               time.perf_counter() - self._eval_started)
+        return self._round_done(record)
+
+    def _eval_failed(self, node: str, error: str) -> EvalReply:
+        return EvalReply(client=self.server.node_partition.get(node, -1), node=node, error=error,
+                         applied=self.server.node_applied.get(node, 0))
 
     def _decode(self, node: str, message: Message) -> ClientReply:
         if message.has_error():

@@ -19,6 +19,12 @@ what was expected:
 4. only then each array is read: its ``.npy`` header must repeat the metadata (dtype, shape, C order)
    and the data must have exactly the promised length; the one allocation is a copy of that size.
 
+A federated-evaluation reply (:func:`decode_eval_reply`) has exactly the records ``metrics`` and ``config``
+(:data:`EVAL_METRIC_KEYS`, :data:`EVAL_CONFIG_KEYS`), no arrays, and :func:`check_eval_fields` bounds what it
+claims: at most ``client_eval_examples`` examples, at most ``cutoff`` target tokens per example, a finite loss
+>= 0 (ignored where it scored no tokens; the wire carries 0.0), ``applied`` exactly what the evaluation
+message brought the node to.
+
 Values (finiteness, norms in float64, the representable range) are checked on the tensors by
 :func:`flora.lora.factors.check_update` in the server's screening, which every engine shares.
 This module does not import ``flwr``: it works on plain values, and the tests drive it directly too.
@@ -34,11 +40,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flora.rounds import ClientReply
+from flora.rounds import ClientReply, EvalReply
 
 RECORDS = {"arrays": "ArrayRecord", "metrics": "MetricRecord", "config": "ConfigRecord"}
 CONFIG_KEYS = ("partition-id", "rank", "error")
 METRIC_KEYS = ("num-examples", "train-loss", "tokens", "seconds", "applied")
+EVAL_RECORDS = {"metrics": "MetricRecord", "config": "ConfigRecord"}
+EVAL_CONFIG_KEYS = ("partition-id", "error")
+EVAL_METRIC_KEYS = ("eval-loss", "eval-tokens", "eval-examples", "applied")
 NUMPY_STYPE = "numpy.ndarray"  # Flower's serialisation type for np.save bytes
 MAX_COUNT = 2 ** 53  # counts (examples, tokens) above this are not exact in float64: never a real value
 MAX_ERROR_CHARS = 2000  # a client's error message is logged; longer ones are not a real error report
@@ -96,6 +105,38 @@ class ReplyRules:
     rank_bound: Callable[[int], int]  # partition -> the largest rank it may claim (configured, and layer dims)
     known_size: Callable[[int], int] | None  # partition -> its training examples; None: the server cannot know
     applied_end: int | None  # history entries the server's message brought the node to (None: nothing sent)
+
+
+@dataclass(frozen=True)
+class EvalRules:
+    """What the server accepts from one node's federated-evaluation reply in one round."""
+
+    num_partitions: int
+    max_examples: int  # client_eval_examples: the most held-out examples a node scores
+    max_tokens_per_example: int  # cutoff: no example has more target tokens
+    applied_end: int | None  # history entries the evaluation message brought the node to (None: nothing sent)
+
+
+def check_eval_fields(reply: EvalReply, rules: EvalRules) -> None:
+    """Ranges of an evaluation reply's fields; :class:`RejectedReply` on the first violation (both engines)."""
+    if rules.applied_end is None:
+        raise RejectedReply("node", reply.node, "a node the server sent an evaluation message to this round")
+    if reply.error is not None:
+        _in_range("config 'partition-id'", reply.client, -1, 2 ** 31, "a partition id (an int)")
+        _in_range("metrics 'applied'", reply.applied, 0, rules.applied_end,
+                  f"at most {rules.applied_end}, the round updates the server's message brought this node to")
+        return
+    _in_range("config 'partition-id'", reply.client, 0, rules.num_partitions - 1,
+              f"the partition id of one of this run's {rules.num_partitions} partitions")
+    _in_range("metrics 'applied'", reply.applied, rules.applied_end, rules.applied_end,
+              f"{rules.applied_end}, the round updates the server's message brought this node to")
+    _in_range("metrics 'eval-examples'", reply.examples, 0, rules.max_examples,
+              f"an example count in 0..{rules.max_examples} (client_eval_examples)")
+    most = reply.examples * rules.max_tokens_per_example
+    _in_range("metrics 'eval-tokens'", reply.tokens, 1 if reply.examples else 0, most,
+              f"a token count in {1 if reply.examples else 0}..{most} (eval-examples x cutoff)")
+    if not isinstance(reply.loss, float) or (reply.tokens and not (math.isfinite(reply.loss) and reply.loss >= 0)):
+        raise RejectedReply("metrics 'eval-loss'", reply.loss, "a finite float >= 0 (any float with 0 eval-tokens)")
 
 
 # --- typed fields (both engines) -----------------------------------------------------------------
@@ -179,6 +220,32 @@ def _decode(view: ReplyView, node: str, rules: ReplyRules) -> ClientReply:
     tensors = {key: tensor_from_npy(key, view.arrays[key], shape) for key, shape in shapes.items()}
     reply.factors = {name: (tensors[f"{name}.A"], tensors[f"{name}.B"]) for name in rules.layer_shapes}
     return reply
+
+
+def decode_eval_reply(view: ReplyView, node: str, rules: EvalRules) -> EvalReply:
+    """The :class:`EvalReply` of a federated-evaluation reply; a rejected one carries the reason in ``rejection``."""
+    try:
+        _expect_keys("records", view.records, tuple(EVAL_RECORDS))
+        for name, kind in EVAL_RECORDS.items():
+            if view.records[name] != kind:
+                raise RejectedReply(f"record {name!r}", view.records[name], f"a {kind}")
+        _expect_keys("config record", view.config, EVAL_CONFIG_KEYS)
+        _expect_keys("metrics record", view.metrics, EVAL_METRIC_KEYS)
+        error = view.config["error"]
+        if not isinstance(error, str) or len(error) > MAX_ERROR_CHARS:
+            raise RejectedReply("config 'error'", error, f"a string of at most {MAX_ERROR_CHARS} characters ('' = fine)")
+        metrics = view.metrics
+        reply = EvalReply(client=view.config["partition-id"], node=node, loss=_float(metrics["eval-loss"]),
+                          tokens=metrics["eval-tokens"], examples=metrics["eval-examples"], applied=metrics["applied"],
+                          error=error or None)
+        check_eval_fields(reply, rules)
+        if reply.error is None and not reply.tokens:
+            reply.loss = math.nan  # nothing scored: 0.0 on the wire
+        return reply
+    except RejectedReply as exc:
+        claimed = view.config.get("partition-id") if isinstance(view.config, Mapping) else None
+        client = claimed if _is_int(claimed) and 0 <= claimed < rules.num_partitions else -1
+        return EvalReply(client=client, node=node, rejection=str(exc))
 
 
 def _float(value):

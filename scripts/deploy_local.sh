@@ -3,11 +3,15 @@
 # rank in --node-config), `flwr run .` of the FLoRA app, then everything is stopped.
 #
 #   scripts/deploy_local.sh --config configs/quickstart.toml --ranks 16,8,4,4 [--work DIR] [--netns]
-#                           [--rounds N] [--out-dir DIR] [--resume] [--tls [--certs DIR]] [--auth]
-#                           [--unregistered N] [--plaintext N]
+#                           [--node-data FILE1,FILE2,...] [--rounds N] [--out-dir DIR] [--resume]
+#                           [--tls [--certs DIR]] [--auth] [--unregistered N] [--plaintext N]
 #
 # --ranks     one LoRA rank per SuperNode (their number is the number of SuperNodes); default: the
 #             config's num_clients nodes at the config's ranks
+# --node-data one data file (or `datasets` directory) per SuperNode: node k reads the k-th and nothing
+#             else (--node-config data-path='FILE'); the server never reads any of them. Without it the
+#             script first deals the config's data into WORK/node-data/partition-K.jsonl (a stand-in for
+#             parties that each hold their own data) and gives node k the k-th
 # --work      where logs, pids, the Flower home (FLWR_HOME) and the state live (default: a temp dir)
 # --netns     run every SuperNode in its own network namespace joined to the SuperLink's by a veth
 #             pair (separate hosts on one machine; needs root and `ip`); falls back with a message
@@ -31,11 +35,12 @@ REPO="$(pwd)"
 PY="${FLORA_PYTHON:-$REPO/.venv/bin/python}"
 BIN="$(dirname "$PY")"
 
-CONFIG="" RANKS="" WORK="" NETNS=0 ROUNDS="" OUT_DIR="" RESUME=false TLS=0 CERTS="" AUTH=0 UNREGISTERED=0 PLAINTEXT=0
+CONFIG="" RANKS="" NODE_DATA="" WORK="" NETNS=0 ROUNDS="" OUT_DIR="" RESUME=false TLS=0 CERTS="" AUTH=0 UNREGISTERED=0 PLAINTEXT=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --config) CONFIG="$2"; shift 2 ;;
     --ranks) RANKS="$2"; shift 2 ;;
+    --node-data) NODE_DATA="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
     --rounds) ROUNDS="$2"; shift 2 ;;
     --out-dir) OUT_DIR="$2"; shift 2 ;;
@@ -46,7 +51,7 @@ while [[ $# -gt 0 ]]; do
     --auth) AUTH=1; TLS=1; shift ;;
     --unregistered) UNREGISTERED="$2"; shift 2 ;;
     --plaintext) PLAINTEXT="$2"; shift 2 ;;
-    -h|--help) sed -n 2,31p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,36p "$0"; exit 0 ;;
     *) echo "deploy_local.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -64,6 +69,24 @@ print(','.join(str(c.client_rank(k)) for k in range(c.num_clients)))" "$CONFIG")
 fi
 IFS=',' read -r -a RANK_LIST <<< "$RANKS"
 NODES=${#RANK_LIST[@]}
+if [[ -n "$NODE_DATA" ]]; then  # checked before anything starts
+  IFS=',' read -r -a DATA_LIST <<< "$NODE_DATA"
+  if [[ ${#DATA_LIST[@]} != "$NODES" ]]; then
+    echo "deploy_local.sh: --node-data names ${#DATA_LIST[@]} files for $NODES SuperNodes (ranks $RANKS); expected one per SuperNode" >&2
+    exit 2
+  fi
+  for k in "${!DATA_LIST[@]}"; do
+    f="${DATA_LIST[$k]}"
+    [[ -e "$f" ]] || { echo "deploy_local.sh: --node-data file $((k + 1)) (SuperNode $k): $f not found" >&2; exit 2; }
+    [[ "$f" != *"'"* ]] || { echo "deploy_local.sh: --node-data file $f: a path with a single quote is not supported" >&2; exit 2; }
+    DATA_LIST[$k]="$(cd "$(dirname "$f")" && pwd)/$(basename "$f")"
+  done
+else  # deal the config's data out to one file per node
+  mkdir -p "$WORK/node-data"
+  NODE_DATA="$("$PY" -m flora.data.node split "$CONFIG" "$WORK/node-data" "$NODES")" \
+    || { echo "deploy_local.sh: splitting the config's data into $NODES node files failed" >&2; exit 2; }
+  IFS=',' read -r -a DATA_LIST <<< "$NODE_DATA"
+fi
 
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export FLWR_HOME="$WORK/flwr-home"
@@ -186,7 +209,8 @@ start_node() {  # start_node INDEX NODE_CONFIG NAME [extra flower-supernode argu
 for k in $(seq 0 $((NODES - 1))); do
   key=()
   [[ $AUTH == 1 ]] && key=(--auth-supernode-private-key "$WORK/keys/supernode-$k")
-  start_node "$k" "partition-id=$k num-partitions=$NODES lora-rank=${RANK_LIST[$k]}" "supernode-$k" "${key[@]}"
+  start_node "$k" "partition-id=$k num-partitions=$NODES lora-rank=${RANK_LIST[$k]} data-path='${DATA_LIST[$k]}'" \
+    "supernode-$k" "${key[@]}"
 done
 for j in $(seq 1 "$UNREGISTERED"); do  # node 0's partition: were it let in, it would take part
   k=$((NODES + j - 1))
@@ -195,11 +219,13 @@ for j in $(seq 1 "$UNREGISTERED"); do  # node 0's partition: were it let in, it 
     "$PY" -m flora.deploy_keys node "$WORK/keys-unregistered" "rogue-$j" > /dev/null
     key=(--auth-supernode-private-key "$WORK/keys-unregistered/rogue-$j")
   fi
-  start_node "$k" "partition-id=0 num-partitions=$NODES lora-rank=${RANK_LIST[0]}" "unregistered-$j" "${key[@]}"
+  start_node "$k" "partition-id=0 num-partitions=$NODES lora-rank=${RANK_LIST[0]} data-path='${DATA_LIST[0]}'" \
+    "unregistered-$j" "${key[@]}"
 done
 for j in $(seq 1 "$PLAINTEXT"); do  # node 0's partition, no TLS: were it let in, it would take part
   k=$((NODES + UNREGISTERED + j - 1))
-  start_node "$k" "partition-id=0 num-partitions=$NODES lora-rank=${RANK_LIST[0]}" "plaintext-$j"
+  start_node "$k" "partition-id=0 num-partitions=$NODES lora-rank=${RANK_LIST[0]} data-path='${DATA_LIST[0]}'" \
+    "plaintext-$j"
 done
 
 run_config="config-file='$CONFIG' resume=$RESUME"

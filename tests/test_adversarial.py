@@ -52,7 +52,8 @@ def _situation(server, partition: int, round_: int, applied_end: int) -> Situati
     config = server.config
     return Situation(config=config, partition=partition, round=round_, applied_end=applied_end,
                      layer_shapes=server.assets.layer_shapes,
-                     sizes={k: server.known_size(k) for k in range(config.num_partitions)})
+                     sizes={k: server.known_size(k) if server.known_partitions else 12  # a deployment: any claim
+                            for k in range(config.num_partitions)})
 
 
 def _decoded(server, node: str, content) -> object:
@@ -181,9 +182,10 @@ def test_non_finite_aggregate_never_touches_the_global_model(assets_dir, tmp_pat
 def test_hostile_clients_through_a_flower_simulation(assets_dir, tmp_path):
     """2 honest SuperNodes and 4 hostile ones for 12 rounds: every kind of :data:`KINDS` once through
     Flower's real message path (ClientApp → Ray → SuperLink state → ServerApp)."""
+    from flora.adversary import EVAL_KINDS
     from flora.simulation import run_flower_simulation
 
-    config = hostile_config(assets_dir, tmp_path)
+    config = hostile_config(assets_dir, tmp_path, client_eval_examples=2)
     assert HONEST == 2  # flora.adversary:hostile_app's
     run_flower_simulation(config, progress=lambda _: None, client_app="flora.adversary:hostile_app")
     out = tmp_path / "out"
@@ -194,7 +196,16 @@ def test_hostile_clients_through_a_flower_simulation(assets_dir, tmp_path):
     records = record_dir(config)
     seen = set()
     log_lines = (out / "flower.log").read_text().splitlines()  # the server ran in Flower's simulation process
-    for path in sorted(records.glob("*.json")):
+    for path in sorted(records.glob("eval-*.json")):  # federated evaluation: every forged kind rejected
+        entry = json.loads(path.read_text())
+        round_ = int(re.match(r"eval-round(\d+)", path.name).group(1))
+        matching = [x for x in log_lines if f"round {round_}: rejected evaluation:" in x and f"(node {entry['node']})" in x]
+        assert matching and EVAL_KINDS[entry["kind"]][1] in matching[0], (entry, matching)
+        seen.add(entry["kind"])
+    assert seen == set(EVAL_KINDS)
+    assert all(set(m["client_test_losses"]) == {str(k) for k in range(HONEST)} for m in lines)
+    seen = set()
+    for path in sorted(records.glob("round*.json")):
         entry = json.loads(path.read_text())
         round_ = int(re.match(r"round(\d+)", path.name).group(1))
         fragment = KINDS[entry["kind"]][1]
@@ -285,3 +296,45 @@ def test_a_clients_error_text_cannot_forge_log_lines():
 
     assert printable("boom\nround 3: rejected update: client 0") == "boom\\nround 3: rejected update: client 0"
     assert printable("\x1b[2Jcleared") == "\\x1b[2Jcleared"
+
+
+def _decoded_eval(server, node: str, content):
+    from flora.wire_checks import decode_eval_reply
+
+    metadata = Metadata(run_id=1, message_id="", src_node_id=2, dst_node_id=1, reply_to_message_id="m",
+                        group_id="", created_at=0.0, ttl=60.0, message_type="evaluate")
+    return decode_eval_reply(reply_view(Message(metadata=metadata, content=content)), node, server.eval_rules_for(node))
+
+
+def test_every_hostile_evaluation_kind_is_rejected_and_only_honest_losses_count(assets_dir, tmp_path, caplog, runtime):
+    """Federated evaluation replies as Flower records: every kind of :data:`EVAL_KINDS` is rejected with its
+    reason, and ``client_test_loss`` is the token-weighted mean of the honest replies alone."""
+    from flora.adversary import EVAL_KINDS, forge_eval, valid_eval_reply
+
+    config = hostile_config(assets_dir, tmp_path, client_eval_examples=4)
+    server = server_for(config, runtime)
+    honest = [_decoded(server, f"node-{k}", valid_reply(_situation(server, k, 1, 0)).content()) for k in range(HONEST)]
+    server.aggregate_round(1, honest, 0, 0.0)  # binds partitions 0 and 1 to their nodes
+    nodes = [f"node-{k}" for k in range(HONEST)] + [f"evil-{kind}" for kind in EVAL_KINDS]
+    for node in nodes:
+        server.updates_for(node)  # the evaluation message to each node
+    end = len(server.history)
+    replies = []
+    for k, (tokens, loss) in enumerate([(10, 2.0), (30, 1.0)]):
+        forged = valid_eval_reply(_situation(server, k, 1, end))
+        forged.metrics.update({"eval-tokens": tokens, "eval-loss": loss})
+        replies.append(_decoded_eval(server, f"node-{k}", forged.content()))
+    for kind in EVAL_KINDS:
+        replies.append(_decoded_eval(server, f"evil-{kind}", forge_eval(kind, _situation(server, HONEST, 1, end))))
+    caplog.clear()
+    record = server.record_evaluation(1, replies)
+    for kind, (_, fragment) in EVAL_KINDS.items():
+        line = next((x for x in caplog.text.splitlines() if f"(node evil-{kind})" in x), "")
+        assert "round 1: rejected evaluation: client" in line and fragment in line, (kind, caplog.text)
+    assert record["client_test_losses"] == {"0": 2.0, "1": 1.0}
+    assert record["client_test_tokens"] == {"0": 10, "1": 30}
+    assert record["client_test_loss"] == pytest.approx((2.0 * 10 + 1.0 * 30) / 40)
+    # control: the unmodified forged evaluation of an attacker's own partition is accepted
+    server.updates_for("evil-control")
+    control = _decoded_eval(server, "evil-control", valid_eval_reply(_situation(server, HONEST, 1, end)).content())
+    assert control.rejection is None and server.record_evaluation(1, [control])["client_test_losses"] == {str(HONEST): 2.0}

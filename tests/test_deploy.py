@@ -4,6 +4,7 @@ during a round: the run finishes with the remaining clients."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -44,7 +45,8 @@ def _tiny_config(tmp_path, tiny_tokenizer, **extra) -> Path:
     write_tiny_assets(tmp_path, tiny_tokenizer)
     values = dict(model=str(tmp_path / "model"), data=str(tmp_path / "data.jsonl"), num_clients=3, ranks=[4, 2, 1],
                   rounds=2, local_steps=2, batch_size=4, micro_batch_size=2, cutoff=64, max_examples=0,
-                  partition="iid", test_fraction=0.1, eval_examples=0, out_dir=str(tmp_path / "out"))
+                  partition="iid", test_fraction=0.1, eval_examples=0, client_eval_examples=0,
+                  out_dir=str(tmp_path / "out"))  # federated evaluation: one more ClientApp process per node and round
     values.update(extra)
     import tomli_w
     path = tmp_path / "tiny.toml"
@@ -54,7 +56,8 @@ def _tiny_config(tmp_path, tiny_tokenizer, **extra) -> Path:
 
 @pytest.mark.slow
 def test_deployment_survives_a_killed_supernode(tmp_path, tiny_tokenizer):
-    config = _tiny_config(tmp_path, tiny_tokenizer)
+    # the operator's own held-out set gives the global test loss (the nodes' files come from the script's split)
+    config = _tiny_config(tmp_path, tiny_tokenizer, server_test_data=str(tmp_path / "data.jsonl"), eval_examples=8)
     work = tmp_path / "work"
     env = dict(os.environ, FLORA_PYTHON=sys.executable, FLORA_BASE_PORT=str(_free_port_block()))
     process = subprocess.Popen(["bash", str(REPO / "scripts" / "deploy_local.sh"), "--config", str(config),
@@ -134,7 +137,8 @@ def test_flwr_run_simulation_offline(tmp_path, tiny_tokenizer):
     try:
         done = subprocess.run([str(Path(bin_dir) / "flwr"), "run", ".", "--stream", "--federation-config",
                                "num-supernodes=3", "--run-config",
-                               f"config-file='{config}' lr=0.002 method='zeropad' ranks='2,2,1'"], cwd=REPO, env=env,
+                               f"config-file='{config}' simulation=true lr=0.002 method='zeropad' ranks='2,2,1'"],
+                              cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=400)
     finally:  # Flower leaves its local SuperLink running
         _kill_matching(f"--control-api-address 127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}")
@@ -146,21 +150,53 @@ def test_flwr_run_simulation_offline(tmp_path, tiny_tokenizer):
     assert (saved["lr"], saved["method"], saved["ranks"], saved["rounds"]) == (0.002, "zeropad", [2, 2, 1], 2)
 
 
+def _node_files(tmp_path) -> list[Path]:
+    """Three nodes' own data files, each in its own directory and format (Alpaca JSONL, a JSON array, Dolly
+    JSONL), cut from the tiny data: nothing else names them but their node's --node-config."""
+    rows = [json.loads(x) for x in (tmp_path / "data.jsonl").read_text().splitlines()]
+    parts = [rows[0:27], rows[27:54], rows[54:80]]
+    files = [tmp_path / f"party-{k}" / name for k, name in enumerate(("own-0.jsonl", "own-1.json", "own-2.jsonl"))]
+    for path in files:
+        path.parent.mkdir()
+    files[0].write_text("".join(json.dumps(r) + "\n" for r in parts[0]))
+    files[1].write_text(json.dumps(parts[1]))
+    files[2].write_text("".join(json.dumps({"instruction": r["instruction"], "response": r["output"]}) + "\n"
+                                for r in parts[2]))
+    return files
+
+
+def _opened(directory: Path, role: str) -> dict[str, set[str]]:
+    """Per process of ``role``: the files it opened (``flora/audit.py``'s log)."""
+    return {p.name: set(p.read_text().splitlines()) for p in directory.glob(f"{role}-*.log")}
+
+
 @pytest.mark.slow
 def test_deployment_over_tls_with_supernode_authentication(tmp_path, tiny_tokenizer):
     """TLS with a CA made by the test, SuperNode keys registered by the script, one SuperNode whose key was
     never registered and one that speaks plaintext: the run completes with the registered TLS nodes only,
-    and every private key written is readable by its owner only."""
-    from flora.deploy_keys import write_tls
+    and every private key written is readable by its owner only.
 
-    config = _tiny_config(tmp_path, tiny_tokenizer)
+    The same deployment is the node-local-data check (issue 16): every node reads only its own file
+    (``--node-data``), the server none. The config's ``data`` names a file that does not exist (a server that
+    loaded the dataset would fail the run), and every ServerApp and ClientApp process logs each file it opens
+    (``FLORA_OPEN_LOG``, ``flora/audit.py``): no server process opens a node's file, each client process opens
+    at most one of them, each is opened. Losses come from federated evaluation only (no server test set)."""
+    from flora.deploy_keys import write_tls
+    from flora.report import write_report
+
+    config = _tiny_config(tmp_path, tiny_tokenizer, data=str(tmp_path / "missing" / "never-read.jsonl"),
+                          client_eval_examples=4)
+    node_files = _node_files(tmp_path)
     certs = write_tls(tmp_path / "certs", ["127.0.0.1", "localhost"])
     work = tmp_path / "work"
-    env = dict(os.environ, FLORA_PYTHON=sys.executable, FLORA_BASE_PORT=str(_free_port_block()))
+    opened = tmp_path / "opened"
+    opened.mkdir()
+    env = dict(os.environ, FLORA_PYTHON=sys.executable, FLORA_BASE_PORT=str(_free_port_block()),
+               FLORA_OPEN_LOG=str(opened))
     done = subprocess.run(["bash", str(REPO / "scripts" / "deploy_local.sh"), "--config", str(config),
                            "--certs", str(certs["ca.crt"].parent), "--auth", "--unregistered", "1",
-                           "--plaintext", "1", "--work", str(work)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=400)
+                           "--plaintext", "1", "--work", str(work), "--node-data", ",".join(map(str, node_files))],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout[-3000:] + done.stderr[-2000:]
     assert done.returncode == 0, output
     assert "TLS, CA" in done.stdout and "SuperNode authentication" in done.stdout, output
@@ -180,6 +216,27 @@ def test_deployment_over_tls_with_supernode_authentication(tmp_path, tiny_tokeni
         p for d in ("keys", "keys-unregistered") for p in (work / d).iterdir() if not p.name.endswith(".pub")]
     assert len(private_keys) == 2 + 3 + 1
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in private_keys} == {p.name: "0o600" for p in private_keys}
+    # node-local data and federated evaluation
+    for m in metrics:
+        assert m["aggregation_error"] < 1e-6 and m["test_loss"] is None and "federated evaluation only" in m["test_set"]
+        assert set(m["client_test_losses"]) == {"0", "1", "2"}, m
+        losses, tokens = m["client_test_losses"], m["client_test_tokens"]
+        assert all(math.isfinite(x) and x > 0 for x in losses.values()) and all(t > 0 for t in tokens.values())
+        assert m["client_test_loss"] == pytest.approx(sum(losses[k] * tokens[k] for k in losses) / sum(tokens.values()))
+        assert m["client_weights_from"] == "uniform"  # reported sizes are unverifiable claims: uniform by default
+    assert "[round 2] test loss n/a  client test loss" in done.stdout, output
+    assert "| 2 | flora | n/a |" in write_report(tmp_path / "out")  # the report copes with no server test set
+    names = [str(f) for f in node_files]
+    server_opened, client_opened = _opened(opened, "server"), _opened(opened, "client")
+    assert server_opened and client_opened, sorted(p.name for p in opened.iterdir())
+    for log_name, paths in server_opened.items():
+        assert any(str(tmp_path / "model") in p for p in paths)  # the log sees what the server does read
+        assert not [p for p in paths if any(n in p for n in names) or "never-read" in p], log_name
+    readers = {n: [log for log, paths in client_opened.items() if n in paths] for n in names}
+    assert all(readers.values()), readers  # every node's file was read, by a client process
+    assert all(sum(n in paths for n in names) <= 1 for paths in client_opened.values()), client_opened
+    superlink = (work / "logs" / "superlink.log").read_text()
+    assert not [n for n in names if n in superlink]
 
 
 def test_deploy_script_never_kills_what_it_did_not_start(tmp_path, tiny_tokenizer):

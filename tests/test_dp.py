@@ -199,7 +199,10 @@ def test_private_round_gives_flower_only_privatised_metrics(assets_dir, tmp_path
     from flora.runner import server_for
     from flora.server import DP_PUBLIC
     from flora.strategy import FloraStrategy
-    from test_adversarial import answer, strategy_messages
+    from flwr.app import ArrayRecord, ConfigRecord, Message
+
+    from flora.adversary import valid_eval_reply
+    from test_adversarial import _situation, answer, strategy_messages
 
     config = tiny_config(assets_dir, tmp_path, num_clients=4, ranks=[2], weighting="uniform", dp_noise_multiplier=1.0,
                          dp_clip_norm=0.1, eval_examples=4, client_eval_examples=4)
@@ -208,8 +211,21 @@ def test_private_round_gives_flower_only_privatised_metrics(assets_dir, tmp_path
     flower = FloraStrategy(config, server, progress=lines.append)
     sent = strategy_messages(flower, 1)
     _, metrics = flower.aggregate_train(1, [answer(server, m, k) for k, m in enumerate(sent)])
+    assert metrics is None and not lines  # the round's record waits for its federated evaluation
+
+    class Grid:
+        def get_node_ids(self):
+            return [int(m.metadata.dst_node_id) for m in sent]
+
+    evaluations = list(flower.configure_evaluate(1, ArrayRecord(), ConfigRecord(), Grid()))
+    for k, message in enumerate(evaluations):
+        message.metadata.__dict__["_message_id"] = f"evaluate-{k}"
+    replies = [Message(content=valid_eval_reply(_situation(server, k, 1, server.sent[str(m.metadata.dst_node_id)]))
+                       .content(), reply_to=m) for k, m in enumerate(evaluations)]
+    metrics = flower.aggregate_evaluate(1, replies)
     assert set(metrics) <= set(DP_PUBLIC) and {"dp_epsilon", "test_loss"} <= set(metrics)
     assert server.metrics[-1]["dp_participants"] == len(sent)  # the operator's record still has it
+    assert len(server.metrics[-1]["client_test_losses"]) == len(sent)  # and the clients' losses
     assert len(lines) == 1 and "epsilon" in lines[0] and "train loss" not in lines[0]
 
 

@@ -212,6 +212,12 @@ def test_flower_simulation_matches_in_process_run(assets_dir, tmp_path, options)
     for ours, theirs in zip(reference, lines):
         assert theirs["test_loss"] == pytest.approx(ours["test_loss"], rel=1e-5)
         assert theirs["bytes_up"] == ours["bytes_up"]
+        # federated evaluation: evaluate messages through Flower = the in-process engine's client.evaluate
+        assert set(theirs["client_test_losses"]) == {"0", "1", "2"}
+        assert theirs["client_test_losses"] == pytest.approx(ours["client_test_losses"], rel=1e-5)
+        assert theirs["client_test_tokens"] == ours["client_test_tokens"]
+        # the Flower engine counts the serialised payload (.npy headers included), the local engine raw tensor bytes
+        assert theirs["bytes_down_eval"] >= ours["bytes_down_eval"] > 0
         if options.get("dp_noise_multiplier"):
             assert theirs["dp_epsilon"] == pytest.approx(ours["dp_epsilon"]) and theirs["dp_participants"] == 3
 

@@ -99,6 +99,7 @@ NOT_ASSET_FIELDS = {
     "micro_batch_size", "lr", "eval_examples", "client_eval_examples", "threads", "out_dir",
     "lr_schedule", "warmup_steps", "gradient_checkpointing", "client_cpus", "client_gpus", "max_client_weight",
     "min_clients_wait", "report_to",
+    "server_test_data",  # read by the server only, uncached (flora/runner.py: server_for)
 }
 
 
