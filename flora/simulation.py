@@ -68,7 +68,9 @@ def preflight(config: RunConfig, resume: bool) -> None:
     check_tracking(config)
     if resume:
         load_checkpoint(config.out_dir, config)
-    Runtime().server_assets(config)
+    runtime = Runtime()
+    runtime.server_assets(config)
+    runtime.simulation_data(config)  # the dataset and partition the simulation server deals out
 
 
 def write_app(directory: Path, client_app: str = CLIENT_APP, server_app: str = SERVER_APP) -> Path:

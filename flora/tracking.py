@@ -42,8 +42,8 @@ def scalars(record: dict) -> dict[str, float]:
            and math.isfinite(value)}
     train = record.get("client_train_loss") or {}
     out.update({f"client_train_loss/{k}": float(v) for k, v in train.items() if v is not None and math.isfinite(v)})
-    test = record.get("client_test_loss") or []
-    out.update({f"client_test_loss/{k}": float(v) for k, v in enumerate(test) if v is not None and math.isfinite(v)})
+    test = record.get("client_test_losses") or {}  # federated evaluation: what each client reported
+    out.update({f"client_test_loss/{k}": float(v) for k, v in test.items() if v is not None and math.isfinite(v)})
     return out
 
 

@@ -27,7 +27,7 @@ def test_pyproject_declares_every_config_key_at_its_default():
     table = pyproject_table((REPO / "pyproject.toml").read_text())
     assert table == app_config_table()  # regenerate with `python -m flora.app_config`
     fields = [f.name for f in dataclasses.fields(RunConfig)]
-    assert list(table) == fields + ["config-file", "resume"]
+    assert list(table) == fields + ["config-file", "resume", "simulation"]
     assert table["ranks"] == "16,8,4,4" and table["lr"] == 3e-4 and table["gradient_checkpointing"] is False
 
 
@@ -189,7 +189,7 @@ def test_tensorboard_tracking_and_loss_plot_start_at_round_zero(assets_dir, tmp_
             assert [e.value for e in events.Scalars(f"client_train_loss/{k}") if e.step == m["round"]] == \
                 pytest.approx([loss], rel=1e-6)
         assert [e.value for e in events.Scalars("client_test_loss/1") if e.step == m["round"]] == \
-            pytest.approx([m["client_test_loss"][1]], rel=1e-6)
+            pytest.approx([m["client_test_losses"]["1"]], rel=1e-6)
     assert any(x.startswith("[flora] round 1/2: training clients 0, 1, 2") for x in lines)
     assert sum(x.startswith("[flora] round 2/2 client 1: step ") for x in lines) == config.local_steps
     write_report(out)
