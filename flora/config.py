@@ -49,6 +49,7 @@ class RunConfig:
     clip_update_norm: float = 0.0  # scale each client's whole update down to this norm (0 = off)
     outlier_mad: float = 0.0  # reject updates whose norm's modified z-score (median/MAD) exceeds this (0 = off)
     broadcast: str = "private"  # private (never a client's own factors) | smallest | stacked | refactorized | dense
+    error_check: str = "factored"  # aggregation error from the factors (factored) | dense float64 products (dense)
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies (Flower engine)
     # warm starts (methods whose clients warm-start, flora-warm; see flora/lora/warm.py)
     warm_source: str = "accumulated"  # G the warm factors are cut from: accumulated (Σ of all merges) | last (merge)
@@ -136,6 +137,9 @@ class RunConfig:
                               f"a deployment then weights clients uniformly)")
         if self.partition not in ("iid", "dirichlet", "quantity"):
             raise ConfigError(f"partition = {self.partition!r}: expected 'iid', 'dirichlet' or 'quantity'")
+        if self.error_check not in ("factored", "dense"):
+            raise ConfigError(f"error_check = {self.error_check!r}: expected 'factored' (from the factors, default) or "
+                              "'dense' (the float64 reference: every client's product formed)")
         if self.broadcast not in ("private", "smallest", "stacked", "refactorized", "dense"):
             raise ConfigError(f"broadcast = {self.broadcast!r}: expected private, smallest, stacked, refactorized "
                               f"or dense")

@@ -316,7 +316,7 @@ class FederationServer:
         result = aggregate(config.method, updates, weights, layer_shapes=self.assets.layer_shapes, **options)
         if (bad := _nonfinite(result.global_factors) or _nonfinite(result.residual or {})) is not None:
             return self._unchanged(round_, bad)
-        error = aggregation_error(result, updates, weights)["overall"]
+        error = aggregation_error(result, updates, weights, dense=config.error_check == "dense")["overall"]
         update = RoundUpdate(round=round_)
         if spec.merges:
             for name, (A, B) in result.global_factors.items():
