@@ -84,6 +84,7 @@ class RunConfig:
     # evaluation and run
     eval_examples: int = 64  # global test examples scored every round (0 = all)
     client_eval_examples: int = 16  # per client: examples of its own test split scored every round (0 = off)
+    eval_every: int = 1  # evaluate after every k-th round and always after the last (others: test losses NaN)
     seed: int = 0
     threads: int = 0  # torch threads (0 = torch's default)
     out_dir: str = "runs/latest"
@@ -117,7 +118,8 @@ class RunConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method = {self.method!r}: expected one of {', '.join(METHODS)}")
-        for key in ("num_clients", "rounds", "local_steps", "batch_size", "micro_batch_size", "cutoff", "min_clients"):
+        for key in ("num_clients", "rounds", "local_steps", "batch_size", "micro_batch_size", "cutoff", "min_clients",
+                    "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} = {getattr(self, key)}: expected an integer >= 1")
         if not self.ranks or any(r < 1 for r in self.ranks):

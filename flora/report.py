@@ -35,7 +35,8 @@ def write_report(out: Path) -> str:
     (out / "results.md").write_text(table + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = [m["round"] for m in metrics]
-    ax.plot(rounds, [m["test_loss"] for m in metrics], marker="o", label="global test loss")
+    evaluated = [m for m in metrics if m["test_loss"] == m["test_loss"]]  # eval_every skips rounds (NaN)
+    ax.plot([m["round"] for m in evaluated], [m["test_loss"] for m in evaluated], marker="o", label="global test loss")
     ax.plot(rounds, [m["train_loss"] for m in metrics], marker="s", label="client train loss")
     ax.set_xlabel("round")
     ax.set_ylabel("loss (assistant tokens)")
@@ -104,8 +105,8 @@ def write_compare_report(out: Path) -> str:
     colours = plt.get_cmap("tab20").colors
     methods = sorted({r["method"] for r in rows})
     for r in rows:  # colour per method, dashed for the heterogeneous setting
-        rounds = range(1, len(r["test_loss_per_round"]) + 1)
-        ax.plot(rounds, r["test_loss_per_round"], marker="o", label=r["run"],
+        evaluated = [(k, x) for k, x in enumerate(r["test_loss_per_round"], start=1) if x == x]  # eval_every: NaN
+        ax.plot([k for k, _ in evaluated], [x for _, x in evaluated], marker="o", label=r["run"],
                 color=colours[2 * methods.index(r["method"]) % len(colours)],
                 linestyle="--" if r["run"].startswith("heterogeneous") else "-")
     ax.xaxis.get_major_locator().set_params(integer=True)

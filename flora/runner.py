@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,20 +82,25 @@ def format_round(record: dict) -> str:
     """A round's progress line; for a differentially private run's public record (no client statistics,
     see :func:`flora.server.public_record`) only the test loss and the privacy spent."""
     if "train_loss" not in record:
-        return (f"[round {record['round']}] test loss {record['test_loss']:.4f}  differential privacy: epsilon "
+        return (f"[round {record['round']}] test loss {_loss(record['test_loss'])}  differential privacy: epsilon "
                 f"{record['dp_epsilon']:.4g} at delta {record['dp_delta']:g}"
                 + ("  (dp_noise_seed set: guarantee VOID)" if record.get("dp_guarantee_void") else ""))
-    return (f"[round {record['round']}] test loss {record['test_loss']:.4f}  train loss {record['train_loss']:.4f}  "
+    return (f"[round {record['round']}] test loss {_loss(record['test_loss'])}  train loss {record['train_loss']:.4f}  "
             f"agg. error {record['aggregation_error']:.2e}  up {record['bytes_up'] / 2**20:.1f} MiB  "
             f"down {record['bytes_down'] / 2**20:.1f} MiB  clients ok/failed {record['clients_ok']}/"
             f"{record['clients_failed']}  {record['seconds']:.1f}s")
+
+
+def _loss(value: float) -> str:
+    """A test loss for a table or progress line; ``—`` for a round ``eval_every`` did not evaluate."""
+    return "—" if math.isnan(value) else f"{value:.4f}"
 
 
 def results_table(metrics: list[dict]) -> str:
     lines = ["| round | method | test loss | train loss | agg. error | MiB up | MiB down | ok/failed | s |",
              "|---:|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in metrics:
-        lines.append(f"| {r['round']} | {r['method']} | {r['test_loss']:.4f} | {r['train_loss']:.4f} | "
+        lines.append(f"| {r['round']} | {r['method']} | {_loss(r['test_loss'])} | {r['train_loss']:.4f} | "
                      f"{r['aggregation_error']:.2e} | {r['bytes_up'] / 2**20:.2f} | {r['bytes_down'] / 2**20:.2f} | "
                      f"{r['clients_ok']}/{r['clients_failed']} | {r['seconds']:.1f} |")
     return "\n".join(lines)

@@ -181,7 +181,7 @@ class FederationServer:
         record["aggregate_seconds"] = time.perf_counter() - aggregation_started  # validation + aggregation + broadcast
         record["train_tokens"] = sum(r.tokens for r in accepted)
         record["train_seconds"] = sum(r.seconds for r in accepted)  # summed over clients (they may overlap)
-        record.update(self.evaluate_round())
+        record.update(self.evaluate_round() if self.evaluates(round_) else not_evaluated())
         record["seconds"] = time.perf_counter() - started
         self.metrics.append(record)
         return record
@@ -406,6 +406,10 @@ class FederationServer:
         return form, (A, B)
 
     # evaluation -------------------------------------------------------------------------------
+    def evaluates(self, round_: int) -> bool:
+        """Whether ``round_`` is evaluated: every ``eval_every``-th round and the last one."""
+        return round_ % self.config.eval_every == 0 or round_ >= self.config.rounds
+
     def evaluate_round(self) -> dict:
         """Global test loss and perplexity, each client's test loss, and the seconds it took."""
         started = time.perf_counter()
@@ -442,6 +446,12 @@ class FederationServer:
                       for adapter in self.state.client_adapters.values()]
             return float(sum(losses) / len(losses)) if losses else math.nan
         return self.state.evaluate(self.assets.tokenizer, examples, self.state.adapter)
+
+
+def not_evaluated() -> dict:
+    """The evaluation fields of a round that ``eval_every`` skips: NaN losses (``null`` in metrics.jsonl)."""
+    return {"test_loss": math.nan, "test_ppl": math.nan, "client_test_loss": [], "client_test_loss_mean": math.nan,
+            "eval_seconds": 0.0}
 
 
 def public_record(config: RunConfig, record: dict) -> dict:

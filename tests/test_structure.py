@@ -98,7 +98,7 @@ NOT_ASSET_FIELDS = {
     "adalora_warmup", "adalora_final", "alpha_per_rank", "dropout", "targets", "local_steps", "batch_size",
     "micro_batch_size", "lr", "eval_examples", "client_eval_examples", "threads", "out_dir",
     "lr_schedule", "warmup_steps", "gradient_checkpointing", "client_cpus", "client_gpus", "max_client_weight",
-    "error_check",
+    "error_check", "eval_every",
 }
 
 
