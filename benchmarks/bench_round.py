@@ -185,8 +185,10 @@ def markdown(summary: dict) -> str:
              f"| nominal fp32 peak | {summary['peak_flops_nominal'] / 1e9:.0f} G ({summary['peak_share']:.0%} reached) |",
              f"| wall, in-process / Flower (incl. start-up) | {walls['local']:.0f} s / {walls['flower']:.0f} s |"]
     if summary.get("error_check"):
-        lines += ["", "Aggregation-error check, in-process engine, alternating in one process (rounds ≥ 2, medians; "
-                  "`python benchmarks/bench_round.py --error-check`):", "",
+        runs = summary["error_check"]["runs"]
+        lines += ["", f"Aggregation-error check, in-process engine, alternating in one process ({len(runs[0]['test_loss'])} "
+                  "rounds each, rounds ≥ 2, medians; `python benchmarks/bench_round.py --error-check --repeats "
+                  f"{max(r['repeat'] for r in runs) + 1} --rounds {len(runs[0]['test_loss'])}`):", "",
                   "| error_check | repeat | aggregation + broadcast | round | share | aggregation error (rounds) |",
                   "|---|---:|---:|---:|---:|---|"]
         lines += [f"| {r['error_check']} | {r['repeat']} | {r['aggregate_seconds']:.2f} s | {r['round_seconds']:.1f} s | "
