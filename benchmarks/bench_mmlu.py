@@ -87,7 +87,11 @@ def main() -> None:
                         "(evaluate_mmlu's default batch_size 16 // 4)")
     parser.add_argument("--block", type=int, default=16, help="questions per block: the paths alternate block by "
                         "block (in the order of context length), so the shared machine's load hits all of them")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; 1 is steadier on "
+                        "a machine shared by many processes)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     questions = stratified_subset(load_mmlu()[0], args.questions, seed=0)
@@ -135,7 +139,8 @@ def main() -> None:
              f"{result['same_predictions']} ({len(questions)} questions 0-shot, the paths alternating in blocks of "
              f"{args.block} questions, {args.repeats} repeat(s), {result['threads']} threads, shared and packed "
              f"{args.shared_batch} questions per forward). `python benchmarks/bench_mmlu.py --questions "
-             f"{args.questions} --repeats {args.repeats} --shared-batch {args.shared_batch} --block {args.block}`\n")
+             f"{args.questions} --repeats {args.repeats} --shared-batch {args.shared_batch} --block {args.block}"
+             f"{f' --threads {args.threads}' if args.threads else ''}`\n")
     (RESULTS / "mmlu_speed.md").write_text(table)
     print(table)
 

@@ -167,7 +167,10 @@ def main() -> None:
     parser.add_argument("--cutoff", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--compile", action="store_true", help="also the plain loop under torch.compile")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = load_model("embedded")
     records, _ = load_records("embedded", limit=400)
     examples, _ = encode_all(loaded.tokenizer, records, args.cutoff)
@@ -274,7 +277,7 @@ def markdown(report: dict, args) -> str:
             f"({compiled['speedup']:.2f}x), first step (compilation) {compiled['first_step_seconds']:.0f} s"
             if compiled["ok"] else f"failed: {compiled['error']}"))
     lines.append(f"\n`python benchmarks/bench_train.py --steps {args.steps} --repeats {args.repeats}"
-                 f"{' --compile' if args.compile else ''}`")
+                 f"{' --compile' if args.compile else ''}{f' --threads {args.threads}' if args.threads else ''}`")
     return "\n".join(lines) + "\n"
 
 
