@@ -89,13 +89,21 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-only", action="store_true", help="only the profile, added to round.json/md")
     parser.add_argument("--out", default="runs/bench-round")
+    parser.add_argument("--error-check", action="store_true",
+                        help="only the in-process engine, error_check = dense then factored (then dense, factored "
+                             "with --repeats 2): aggregation + broadcast share of the round for each, added to "
+                             "round.json/md")
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     ranks = [16, 8, 4, 4][:args.clients] if args.clients <= 4 else [16] * args.clients
     base = dict(model="embedded", data="embedded", num_clients=args.clients, ranks=ranks, rounds=args.rounds,
                 local_steps=2, batch_size=4, micro_batch_size=4, cutoff=128, max_examples=600, eval_examples=16,
                 client_eval_examples=0, lr=5e-4)
-    if args.profile_only:
+    if args.error_check:
+        summary = json.loads((RESULTS / "round.json").read_text())
+        summary["error_check"] = compare_error_checks(base, args.out, args.repeats)
+    elif args.profile_only:
         summary = json.loads((RESULTS / "round.json").read_text())
     else:
         summary = measure(base, args.out, args.clients, ranks, args.rounds)
@@ -140,6 +148,27 @@ def measure(base: dict, out: str, clients: int, ranks: list[int], rounds: int) -
     }
 
 
+def compare_error_checks(base: dict, out: str, repeats: int) -> dict:
+    """The in-process engine with the dense float64 aggregation-error reference and with the factored one,
+    alternating in one process (the machine is shared: compare within a run). Per run: median over rounds ≥ 2
+    of the aggregation + broadcast share and seconds, and of the round seconds."""
+    runs = []
+    for repeat in range(repeats):
+        for check in ("dense", "factored"):
+            config = RunConfig(**base, error_check=check, out_dir=f"{out}/error-{check}-{repeat}")
+            metrics, wall = run(config, "local")
+            later = metrics[1:]
+            runs.append({"error_check": check, "repeat": repeat, "wall_seconds": wall,
+                         "round_seconds": median(m["seconds"] for m in later),
+                         "aggregate_seconds": median(m["aggregate_seconds"] for m in later),
+                         "aggregation_broadcast_share": median(m["aggregate_seconds"] / m["seconds"] for m in later),
+                         "aggregation_error": [m["aggregation_error"] for m in metrics],
+                         "test_loss": [m["test_loss"] for m in metrics]})
+            print(f"error_check={check}: aggregate {runs[-1]['aggregate_seconds']:.2f} s of "
+                  f"{runs[-1]['round_seconds']:.1f} s ({runs[-1]['aggregation_broadcast_share']:.2%})", flush=True)
+    return {"runs": runs, "same_test_losses": len({tuple(round(x, 6) for x in r["test_loss"]) for r in runs}) == 1}
+
+
 def markdown(summary: dict) -> str:
     local_s, flower_s = summary["median_round_seconds"]["local"], summary["median_round_seconds"]["flower"]
     walls = {engine: summary["engines"][engine]["wall_seconds"] for engine in ("local", "flower")}
@@ -155,6 +184,17 @@ def markdown(summary: dict) -> str:
              f"| achieved FLOP/s (lower bound, 4·N per token) | {summary['achieved_flops_lower_bound'] / 1e9:.1f} G |",
              f"| nominal fp32 peak | {summary['peak_flops_nominal'] / 1e9:.0f} G ({summary['peak_share']:.0%} reached) |",
              f"| wall, in-process / Flower (incl. start-up) | {walls['local']:.0f} s / {walls['flower']:.0f} s |"]
+    if summary.get("error_check"):
+        runs = summary["error_check"]["runs"]
+        lines += ["", f"Aggregation-error check, in-process engine, alternating in one process ({len(runs[0]['test_loss'])} "
+                  "rounds each, rounds ≥ 2, medians; `python benchmarks/bench_round.py --error-check --repeats "
+                  f"{max(r['repeat'] for r in runs) + 1} --rounds {len(runs[0]['test_loss'])}`):", "",
+                  "| error_check | repeat | aggregation + broadcast | round | share | aggregation error (rounds) |",
+                  "|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['error_check']} | {r['repeat']} | {r['aggregate_seconds']:.2f} s | {r['round_seconds']:.1f} s | "
+                  f"{r['aggregation_broadcast_share']:.2%} | {', '.join(f'{e:.2e}' for e in r['aggregation_error'])} |"
+                  for r in summary["error_check"]["runs"]]
+        lines.append(f"\nSame test losses in every run (6 decimals): {summary['error_check']['same_test_losses']}")
     if summary.get("profile_top_frames"):
         lines += ["", "pyinstrument, one in-process round (model load included), functions by own time:", "",
                   "| function | s | share |", "|---|---:|---:|"]

@@ -50,6 +50,7 @@ class RunConfig:
     clip_update_norm: float = 0.0  # scale each client's whole update down to this norm (0 = off)
     outlier_mad: float = 0.0  # reject updates whose norm's modified z-score (median/MAD) exceeds this (0 = off)
     broadcast: str = "private"  # private (never a client's own factors) | smallest | stacked | refactorized | dense
+    error_check: str = "factored"  # aggregation error from the factors (factored) | dense float64 products (dense)
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies (Flower engine)
     min_clients_wait: float = 300.0  # seconds a round waits for min_clients connected nodes, then the run fails
     # warm starts (methods whose clients warm-start, flora-warm; see flora/lora/warm.py)
@@ -90,6 +91,7 @@ class RunConfig:
     eval_examples: int = 64  # global test examples scored every round (0 = all)
     client_eval_examples: int = 16  # per client: examples of its own test split scored every round (0 = off)
     server_test_data: str = ""  # the operator's held-out set for test_loss (a file); "" = simulation: the global split, deployment: none
+    eval_every: int = 1  # evaluate after every k-th round and always after the last (others: test losses NaN)
     seed: int = 0
     threads: int = 0  # torch threads (0 = torch's default)
     out_dir: str = "runs/latest"
@@ -124,7 +126,8 @@ class RunConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method = {self.method!r}: expected one of {', '.join(METHODS)}")
-        for key in ("num_clients", "rounds", "local_steps", "batch_size", "micro_batch_size", "cutoff", "min_clients"):
+        for key in ("num_clients", "rounds", "local_steps", "batch_size", "micro_batch_size", "cutoff", "min_clients",
+                    "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} = {getattr(self, key)}: expected an integer >= 1")
         if not self.ranks or any(r < 1 for r in self.ranks):
@@ -144,6 +147,9 @@ class RunConfig:
                               f"a deployment then weights clients uniformly)")
         if self.partition not in ("iid", "dirichlet", "quantity"):
             raise ConfigError(f"partition = {self.partition!r}: expected 'iid', 'dirichlet' or 'quantity'")
+        if self.error_check not in ("factored", "dense"):
+            raise ConfigError(f"error_check = {self.error_check!r}: expected 'factored' (from the factors, default) or "
+                              "'dense' (the float64 reference: every client's product formed)")
         if self.broadcast not in ("private", "smallest", "stacked", "refactorized", "dense"):
             raise ConfigError(f"broadcast = {self.broadcast!r}: expected private, smallest, stacked, refactorized "
                               f"or dense")

@@ -37,8 +37,10 @@ def write_report(out: Path) -> str:
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = [m["round"] for m in metrics]
     start = initial_point(out)  # the base model's test loss: the curve starts at round 0
-    ax.plot([0] * bool(start) + rounds, start + [m["test_loss"] for m in metrics], marker="o",
-            label="global test loss")  # NaN: no server test set
+    # NaN: no server test set, or a round eval_every skipped (left out of the curve)
+    points = [(0, start[0])] * bool(start) + [(m["round"], m["test_loss"]) for m in metrics]
+    points = [(r, loss) for r, loss in points if loss == loss]
+    ax.plot([r for r, _ in points], [loss for _, loss in points], marker="o", label="global test loss")
     if any("client_test_loss" in m for m in metrics):
         ax.plot(rounds, [m.get("client_test_loss", float("nan")) for m in metrics], marker="^",
                 label="clients' test loss (federated)")
@@ -126,8 +128,8 @@ def write_compare_report(out: Path) -> str:
     colours = plt.get_cmap("tab20").colors
     methods = sorted({r["method"] for r in rows})
     for r in rows:  # colour per method, dashed for the heterogeneous setting
-        rounds = range(1, len(r["test_loss_per_round"]) + 1)
-        ax.plot(rounds, r["test_loss_per_round"], marker="o", label=r["run"],
+        evaluated = [(k, x) for k, x in enumerate(r["test_loss_per_round"], start=1) if x == x]  # eval_every: NaN
+        ax.plot([k for k, _ in evaluated], [x for _, x in evaluated], marker="o", label=r["run"],
                 color=colours[2 * methods.index(r["method"]) % len(colours)],
                 linestyle="--" if r["run"].startswith("heterogeneous") else "-")
     ax.xaxis.get_major_locator().set_params(integer=True)

@@ -116,7 +116,8 @@ def round_line(round_: int, rounds: int, who: str) -> str:
 
 
 def loss_text(loss: float | None) -> str:
-    """A loss for a progress line or table; ``n/a`` where there is none (no server test set: NaN or null)."""
+    """A loss for a progress line or table; ``n/a`` where there is none (NaN or null: no server test set, or a
+    round ``eval_every`` skipped)."""
     return "n/a" if loss is None or (isinstance(loss, float) and math.isnan(loss)) else f"{loss:.4f}"
 
 

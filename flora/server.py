@@ -213,7 +213,7 @@ class FederationServer:
         record["aggregate_seconds"] = time.perf_counter() - aggregation_started  # validation + aggregation + broadcast
         record["train_tokens"] = sum(r.tokens for r in accepted)
         record["train_seconds"] = sum(r.seconds for r in accepted)  # summed over clients (they may overlap)
-        record.update(self.evaluate_round())
+        record.update(self.evaluate_round() if self.evaluates(round_) else not_evaluated())
         record["seconds"] = time.perf_counter() - started
         self.metrics.append(record)
         return record
@@ -350,7 +350,7 @@ class FederationServer:
         result = aggregate(config.method, updates, weights, layer_shapes=self.assets.layer_shapes, **options)
         if (bad := _nonfinite(result.global_factors) or _nonfinite(result.residual or {})) is not None:
             return self._unchanged(round_, bad)
-        error = aggregation_error(result, updates, weights)["overall"]
+        error = aggregation_error(result, updates, weights, dense=config.error_check == "dense")["overall"]
         update = RoundUpdate(round=round_)
         if spec.merges:
             for name, (A, B) in result.global_factors.items():
@@ -459,6 +459,10 @@ class FederationServer:
         return form, (A, B)
 
     # evaluation -------------------------------------------------------------------------------
+    def evaluates(self, round_: int) -> bool:
+        """Whether ``round_`` is evaluated: every ``eval_every``-th round and the last one."""
+        return round_ % self.config.eval_every == 0 or round_ >= self.config.rounds
+
     def evaluate_round(self) -> dict:
         """Global test loss and perplexity on the server's own held-out set (NaN: it has none), and the
         seconds it took; the clients' losses come later (:meth:`record_evaluation`)."""
@@ -543,6 +547,12 @@ class FederationServer:
                       for adapter in self.state.client_adapters.values()]
             return float(sum(losses) / len(losses)) if losses else math.nan
         return self.state.evaluate(self.assets.tokenizer, examples, self.state.adapter)
+
+
+def not_evaluated() -> dict:
+    """The evaluation fields of a round that ``eval_every`` skips: NaN losses (``null`` in metrics.jsonl)."""
+    return {"test_loss": math.nan, "test_ppl": math.nan, "client_test_loss": [], "client_test_loss_mean": math.nan,
+            "eval_seconds": 0.0}
 
 
 def public_record(config: RunConfig, record: dict) -> dict:

@@ -255,3 +255,26 @@ def test_plan_runs_skips_equal_rank_methods_when_heterogeneous():
                                           "heterogeneous-flora", "heterogeneous-zeropad"]
     assert runs[0][1].ranks == [4] and runs[3][1].ranks == [8, 4, 2, 2]
     assert runs[3][1].out_dir.endswith("heterogeneous-flora")
+
+
+def test_packed_scores_equal_separate_scoring_and_the_shared_cache_path(tiny_model, tiny_tokenizer):
+    """Context + all continuations in one row (4-D mask): the pairs' scores (each continuation after its context
+    alone, the plain reference), at batch sizes that mix lengths and put padding rows in, and with a cut context."""
+    from flora.eval.loglik import score_packed_contexts
+
+    groups = [("Explain recursion?", [" A function that calls itself", " red", " x"]),
+              ("List three colors:", [" red, green and blue", " one"]),
+              ("x", [" y", " def add(a, b): return a + b", " z"])]
+    for batch_size in (1, 2, 3):
+        packed = score_packed_contexts(tiny_model, tiny_tokenizer, groups, batch_size=batch_size)
+        for (context, continuations), row in zip(groups, packed):
+            for continuation, got in zip(continuations, row):
+                assert got.logprob == pytest.approx(reference_logprob(tiny_model, tiny_tokenizer, context, continuation),
+                                                    rel=1e-5, abs=1e-5)
+                assert got.num_tokens == len(tiny_tokenizer(continuation, add_special_tokens=False)["input_ids"])
+    shared = score_shared_contexts(tiny_model, tiny_tokenizer, groups, batch_size=2)
+    assert [x.logprob for r in packed for x in r] == pytest.approx([x.logprob for r in shared for x in r], rel=1e-5)
+    long_context = "The quick brown fox jumps over the lazy dog. " * 20
+    cut_packed = score_packed_contexts(tiny_model, tiny_tokenizer, [(long_context, [" red", " blue"])], max_length=40)
+    cut_shared = score_shared_contexts(tiny_model, tiny_tokenizer, [(long_context, [" red", " blue"])], max_length=40)
+    assert [x.logprob for x in cut_packed[0]] == pytest.approx([x.logprob for x in cut_shared[0]], rel=1e-5)

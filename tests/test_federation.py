@@ -387,3 +387,39 @@ def test_run_model_from_checkpoint_is_the_final_global_model(assets_dir, tmp_pat
     assert config.method == method and checkpoint.rounds_done == 2
     for name, weight in loaded.model.state_dict().items():
         assert float((weight - expected[name]).norm()) <= 1e-6 * max(float(expected[name].norm()), 1e-12), name
+
+
+def test_eval_every_skips_rounds_and_report_plot_and_resume_handle_them(assets_dir, tmp_path):
+    """``eval_every = 2`` over 3 rounds evaluates rounds 2 and 3 (the last) with the losses of a run that evaluates
+    every round (evaluation changes nothing), round 1 is NaN (``null`` in metrics.jsonl, ``—`` in results.md), the
+    plot is written, and a run stopped in round 3 resumes to the same metrics."""
+    from flora.report import write_report
+    from flora.runner import format_round
+
+    every = run_in_process(tiny_config(assets_dir, tmp_path / "every", rounds=3, eval_every=1),
+                           progress=lambda _: None).metrics
+    config = tiny_config(assets_dir, tmp_path / "sparse", rounds=3, eval_every=2, client_eval_examples=2)
+    sparse = run_in_process(config, progress=lambda _: None).metrics
+    assert math.isnan(sparse[0]["test_loss"]) and math.isnan(sparse[0]["client_test_loss_mean"])
+    assert sparse[0]["eval_seconds"] == 0.0 and sparse[0]["client_test_loss"] == []
+    for r in (1, 2):
+        assert sparse[r]["test_loss"] == pytest.approx(every[r]["test_loss"], rel=1e-9)
+        assert len(sparse[r]["client_test_loss"]) == 3
+    assert [m["train_loss"] for m in sparse] == pytest.approx([m["train_loss"] for m in every], rel=1e-9)
+    out = tmp_path / "sparse" / "out"
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["test_loss"] is None
+    table = write_report(out)
+    assert "| 1 | flora | — |" in table and (out / "loss.png").stat().st_size > 0
+    assert "test loss —" in format_round(sparse[0])
+
+    def crash(round_, client):
+        if round_ == 3 and client == 1:
+            raise Crash("killed during round 3")
+        return False
+
+    stopped = tiny_config(assets_dir, tmp_path / "stopped", rounds=3, eval_every=2, client_eval_examples=2)
+    with pytest.raises(Crash):
+        run_in_process(stopped, progress=lambda _: None, fail=crash)
+    resumed = run_in_process(stopped, progress=lambda _: None, resume=True).metrics
+    assert math.isnan(resumed[0]["test_loss"])
+    assert [m["test_loss"] for m in resumed[1:]] == pytest.approx([m["test_loss"] for m in sparse[1:]], rel=1e-6)

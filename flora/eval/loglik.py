@@ -67,14 +67,7 @@ def score_shared_contexts(model: torch.nn.Module, tokenizer, groups: Sequence[tu
     """
     decoder, head = causal_lm_parts(model)
     pad_id = pad_token_id(tokenizer)
-    encoded = []
-    for context, continuations in groups:
-        cont_ids = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in continuations]
-        if not cont_ids or not all(cont_ids):
-            raise ValueError(f"empty continuation after tokenisation in {list(continuations)!r}")
-        longest = max(len(ids) for ids in cont_ids)
-        ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"][-max(max_length - longest, 1):]
-        encoded.append((ctx_ids, cont_ids))
+    encoded = _encode_groups(tokenizer, groups, max_length)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding
     results: list[list[Scored] | None] = [None] * len(encoded)
     with eval_mode(model):
@@ -123,6 +116,87 @@ def _score_chunk(decoder, head, chunk: Sequence[tuple[list[int], list[list[int]]
     for j, x in enumerate(flat):
         scored[owner[j]].append(Scored(logprob=float(first[owner[j], x[0]]) + float(later[j]), num_tokens=len(x)))
     return scored
+
+
+def _encode_groups(tokenizer, groups: Sequence[tuple[str, Sequence[str]]], max_length: int
+                   ) -> list[tuple[list[int], list[list[int]]]]:
+    """Context and continuations tokenised separately; a context cut from the left so that it and its longest
+    continuation fit ``max_length``."""
+    encoded = []
+    for context, continuations in groups:
+        cont_ids = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in continuations]
+        if not cont_ids or not all(cont_ids):
+            raise ValueError(f"empty continuation after tokenisation in {list(continuations)!r}")
+        longest = max(len(ids) for ids in cont_ids)
+        encoded.append((tokenizer(context, add_special_tokens=False)["input_ids"][-max(max_length - longest, 1):],
+                        cont_ids))
+    return encoded
+
+
+@torch.no_grad()
+def score_packed_contexts(model: torch.nn.Module, tokenizer, groups: Sequence[tuple[str, Sequence[str]]],
+                          batch_size: int = 8, max_length: int = 1024,
+                          progress: Callable[[int], None] | None = None) -> list[list[Scored]]:
+    """``[(context, [continuation, ...])]`` → log-likelihood of every continuation, in one forward pass per batch.
+
+    Same numbers as :func:`score_continuations` on the pairs and :func:`score_shared_contexts` (tokenised and cut
+    the same way), with no token run twice: a group is one row, its context followed by all its continuations,
+    and a 4-D attention mask lets a continuation's tokens see the context and their own continuation's earlier
+    tokens only, at the positions they would have after the context alone (so the 4 answers of an MMLU question
+    cost their own tokens, not 4 copies of the question, and no key/value cache is copied). Rows are sorted by
+    length, ``batch_size`` per forward, right-padded; the output head runs only where a continuation token is
+    predicted.
+    """
+    decoder, head = causal_lm_parts(model)
+    device = head.weight.device
+    dtype = head.weight.dtype
+    pad_id = pad_token_id(tokenizer)
+    encoded = _encode_groups(tokenizer, groups, max_length)
+    total = [len(ctx) + sum(map(len, conts)) for ctx, conts in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: total[i])  # less padding
+    results: list[list[Scored] | None] = [None] * len(encoded)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(total[i] for i in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            positions = torch.zeros((len(chunk), width), dtype=torch.long)
+            segment = torch.full((len(chunk), width), -1, dtype=torch.long)  # -1 padding, 0 context, j + 1 answer j
+            predictors, targets, owners = [], [], []  # flat: (row, position) predicting a token of answer (row, j)
+            for row, i in enumerate(chunk):
+                ctx, conts = encoded[i]
+                ids[row, :len(ctx)], positions[row, :len(ctx)], segment[row, :len(ctx)] = torch.tensor(ctx), \
+                    torch.arange(len(ctx)), 0
+                at = len(ctx)
+                for j, cont in enumerate(conts):
+                    n = len(cont)
+                    ids[row, at:at + n] = torch.tensor(cont)
+                    positions[row, at:at + n] = torch.arange(len(ctx), len(ctx) + n)
+                    segment[row, at:at + n] = j + 1
+                    predictors += [(row, len(ctx) - 1)] + [(row, at + t) for t in range(n - 1)]
+                    targets += cont
+                    owners += [(row, j)] * n
+                    at += n
+            causal = torch.ones(width, width, dtype=torch.bool).tril()
+            q_seg, k_seg = segment[:, :, None], segment[:, None, :]
+            allowed = causal & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
+            allowed |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves (no empty softmax)
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+            hidden = decoder(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
+                             position_ids=positions.to(device), use_cache=False).last_hidden_state
+            rows = torch.tensor([r for r, _ in predictors], device=device)
+            cols = torch.tensor([c for _, c in predictors], device=device)
+            logprobs = torch.log_softmax(head(hidden[rows, cols]).float(), dim=-1)
+            picked = logprobs[torch.arange(len(targets), device=device), torch.tensor(targets, device=device)].double()
+            sums: dict[tuple[int, int], float] = {}
+            for owner, value in zip(owners, picked.cpu().tolist()):
+                sums[owner] = sums.get(owner, 0.0) + value
+            for row, i in enumerate(chunk):
+                results[i] = [Scored(logprob=sums[(row, j)], num_tokens=len(cont))
+                              for j, cont in enumerate(encoded[i][1])]
+            if progress is not None:
+                progress(sum(len(encoded[i][1]) for i in chunk))
+    return results  # type: ignore[return-value]
 
 
 @torch.no_grad()

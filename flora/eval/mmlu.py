@@ -22,7 +22,7 @@ import numpy as np
 
 from flora.data.formats import DataError
 from flora.data.sources import json_lines
-from flora.eval.loglik import Scored, next_token_logprobs, score_shared_contexts
+from flora.eval.loglik import Scored, next_token_logprobs, score_packed_contexts
 
 LETTERS = "ABCD"
 SCORINGS = ("cloze", "letter")
@@ -197,9 +197,9 @@ def evaluate_mmlu(model, tokenizer, questions: Sequence[Question], scoring: str 
         table = next_token_logprobs(model, tokenizer, [requests[s][0] for s, _ in spans], [i[0] for i in letter_ids],
                                     batch_size=batch_size, max_length=max_length, progress=progress)
         scored = [Scored(float(v), 1) for row in table for v in row]
-    else:  # the choices of a question share its context: run it once (see score_shared_contexts)
+    else:  # a question and its choices in one row, the choices kept apart by the mask (see score_packed_contexts)
         groups = [(requests[start][0], [c for _, c in requests[start:start + count]]) for start, count in spans]
-        scored = [x for row in score_shared_contexts(model, tokenizer, groups, batch_size=max(1, batch_size // 4),
+        scored = [x for row in score_packed_contexts(model, tokenizer, groups, batch_size=max(1, batch_size // 4),
                                                      max_length=max_length, progress=progress) for x in row]
     tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for q, (start, count) in zip(questions, spans):

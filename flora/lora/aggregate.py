@@ -83,9 +83,10 @@ class AggregationResult:
             update = update + self.residual[layer]
         return update
 
-    def folded_delta(self, layer: str) -> torch.Tensor | None:
-        """``Σ_k p_k`` (the global modules client ``k`` folded into its base): what its whole model holds beyond
-        its upload, ``(B_prev · m) A_prev`` with ``m_j = Σ_{k: j ∉ S_k} p_k``; None where clients fold nothing."""
+    def folded_factors(self, layer: str) -> Factors | None:
+        """``Σ_k p_k`` (the global modules client ``k`` folded into its base) as float64 factors: what its whole
+        model holds beyond its upload, ``(A_prev, B_prev · m)`` with ``m_j = Σ_{k: j ∉ S_k} p_k``; None where
+        clients fold nothing."""
         if self.previous is None:
             return None
         A, B = self.previous[layer]
@@ -93,7 +94,12 @@ class AggregationResult:
         for p_k, selected in zip(self.weights, self.modules):
             folded += p_k
             folded[selected] -= p_k
-        return (B.double() * folded) @ A.double()
+        return A.double(), B.double() * folded
+
+    def folded_delta(self, layer: str) -> torch.Tensor | None:
+        """:meth:`folded_factors` as the dense ``(out, in)`` product (None where clients fold nothing)."""
+        factors = self.folded_factors(layer)
+        return None if factors is None else factors[1] @ factors[0]
 
 
 # --- methods -----------------------------------------------------------------------------------
@@ -463,28 +469,85 @@ def reference_delta(updates: Sequence[ClientUpdate], weights: Sequence[float], l
     return total
 
 
+def low_rank_norm(A: torch.Tensor, *Bs: torch.Tensor) -> float | list[float]:
+    """``‖B A‖_F`` of float64 factors ``A (R, in)``, ``B (out, R)``, without the ``(out, in)`` product while
+    ``R < min(out, in)``: thin QR ``Aᵀ = Q T``, so ``B A = (B Tᵀ) Qᵀ`` and ``‖B A‖ = ‖B Tᵀ‖`` (``Q`` has
+    orthonormal columns). Cost ``~ (out + in) R²`` instead of ``out · in · R``. Several ``B`` sharing ``A``:
+    one QR, a list of norms.
+
+    Safe under cancellation (``B = [B_1, −B_2]``, ``A = [A_1; A_2]`` with ``B_1 A_1 ≈ B_2 A_2``): the entries of
+    ``B Tᵀ`` are the difference's own entries in a rotated basis, each rounded relative to its summands, so a
+    relative difference of 1e-12 is still resolved. The Gram trace ``tr(BᵀB · AAᵀ)`` (``product_norm``) is not:
+    its terms are of size ``‖B‖² ‖A‖²`` and their rounding swamps a squared difference below ~1e-15 of them.
+    """
+    rank, in_dim = A.shape
+    if rank >= min(Bs[0].shape[0], in_dim):  # the dense product is no larger than the factors' work
+        norms = [float(torch.linalg.matrix_norm(B @ A)) for B in Bs]
+    else:
+        _, T = torch.linalg.qr(A.T, mode="r")
+        norms = [float(torch.linalg.matrix_norm(B @ T.T)) for B in Bs]
+    return norms[0] if len(Bs) == 1 else norms
+
+
+def _error_factors(result: AggregationResult, updates: Sequence[ClientUpdate], weights: Sequence[float],
+                   layer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 ``(A, B_err, B_ref)``: ``B_err A = Δ_method − reference`` (its dense residual not included) and
+    ``B_ref A = Σ p_k B_k A_k (+ folded)``, with ``A`` the method's global ``A`` stacked on every client's."""
+    p = normalize_weights(weights, num_clients=len(updates))
+    A_g, B_g = (t.double() for t in result.global_factors[layer])
+    A_parts = [A_g] + [u[layer][0].double() for u in updates]
+    B_parts = [p_k * u[layer][1].double() for u, p_k in zip(updates, p)]
+    folded = result.folded_factors(layer)
+    if folded is not None:
+        A_parts.append(folded[0])
+        B_parts.append(folded[1])
+    B_ref = torch.cat(B_parts, dim=1)
+    return torch.cat(A_parts), torch.cat([B_g, -B_ref], dim=1), torch.cat([torch.zeros_like(B_g), B_ref], dim=1)
+
+
 def aggregation_error(result: AggregationResult, updates: Sequence[ClientUpdate],
-                      weights: Sequence[float]) -> dict[str, float]:
+                      weights: Sequence[float], dense: bool = False) -> dict[str, float]:
     """Relative Frobenius error ``‖Δ_method − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖``.
 
     ``B_k A_k`` is client ``k``'s contribution: its upload, or ``result.contributions[k]`` where the method
     records one (warm starts), plus (fedplora) the global modules it folded into its base
-    (:meth:`AggregationResult.folded_delta`). Returns ``{layer: error, ..., "overall": error}``; overall pools
-    the squared norms of all layers. Computed in float64.
+    (:meth:`AggregationResult.folded_factors`). Returns ``{layer: error, ..., "overall": error}``; overall pools
+    the squared norms of all layers. Computed in float64: by default from the factors (the difference of two
+    low-rank products is low-rank: :func:`low_rank_norm`; a dense residual, FedEx-LoRA's, is added to the
+    difference's one float64 product); ``dense=True`` is the plain reference, every client's ``(out, in)``
+    product summed (``reference_delta``), which the tests hold the factored form to.
     """
     if result.contributions is not None:
         updates = result.contributions
     errors: dict[str, float] = {}
     err_sq_total = ref_sq_total = 0.0
     for name in result.layer_names:
-        reference = reference_delta(updates, weights, name)
-        folded = result.folded_delta(name)
-        if folded is not None:
-            reference = reference + folded
-        err_sq = float((result.delta(name).double() - reference).pow(2).sum())
-        ref_sq = float(reference.pow(2).sum())
+        if dense:
+            err_sq, ref_sq = _dense_error(result, updates, weights, name)
+        else:
+            A, B_err, B_ref = _error_factors(result, updates, weights, name)
+            if result.residual is not None:
+                err_sq = float((B_err @ A + result.residual[name].double()).square().sum())
+                ref_sq = low_rank_norm(A, B_ref) ** 2
+            else:
+                err, ref = low_rank_norm(A, B_err, B_ref)
+                err_sq, ref_sq = err ** 2, ref ** 2
         errors[name] = math.sqrt(err_sq / ref_sq) if ref_sq > 0 else math.sqrt(err_sq)
         err_sq_total += err_sq
         ref_sq_total += ref_sq
     errors["overall"] = math.sqrt(err_sq_total / ref_sq_total) if ref_sq_total > 0 else math.sqrt(err_sq_total)
     return errors
+
+
+def _dense_error(result: AggregationResult, updates: Sequence[ClientUpdate], weights: Sequence[float],
+                 layer: str) -> tuple[float, float]:
+    """``(‖Δ_method − reference‖², ‖reference‖²)`` from dense float64 ``(out, in)`` matrices."""
+    reference = reference_delta(updates, weights, layer)
+    folded = result.folded_delta(layer)
+    if folded is not None:
+        reference = reference + folded
+    A, B = result.global_factors[layer]
+    delta = B.double() @ A.double()
+    if result.residual is not None:
+        delta = delta + result.residual[layer].double()
+    return float((delta - reference).pow(2).sum()), float(reference.pow(2).sum())
