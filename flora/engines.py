@@ -70,7 +70,7 @@ def run_in_process(config: RunConfig, runtime: Runtime | None = None, progress: 
                 view.line(client_line(round_, reply))
             replies.append(reply)
         record = server.aggregate_round(round_, replies, bytes_down, started)
-        if server.federated_evaluation:
+        if server.evaluates_clients(round_):
             evaluate_in_process(server, client, round_, chosen)
         writer.round_done(server)
         view.line(format_round(public_record(config, record)))

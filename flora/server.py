@@ -479,8 +479,12 @@ class FederationServer:
 
     @property
     def federated_evaluation(self) -> bool:
-        """Nodes evaluate the global model on their own held-out splits after every round."""
+        """Nodes evaluate the global model on their own held-out splits (after the rounds ``evaluates``)."""
         return bool(self.config.client_eval_examples) and not self.config.spec.pooled
+
+    def evaluates_clients(self, round_: int) -> bool:
+        """Whether the round's nodes evaluate the global model after ``round_``."""
+        return self.federated_evaluation and self.evaluates(round_)
 
     def eval_rules_for(self, node: str) -> EvalRules:
         return EvalRules(num_partitions=self.config.num_partitions, max_examples=self.config.client_eval_examples,
@@ -551,8 +555,7 @@ class FederationServer:
 
 def not_evaluated() -> dict:
     """The evaluation fields of a round that ``eval_every`` skips: NaN losses (``null`` in metrics.jsonl)."""
-    return {"test_loss": math.nan, "test_ppl": math.nan, "client_test_loss": [], "client_test_loss_mean": math.nan,
-            "eval_seconds": 0.0}
+    return {"test_loss": math.nan, "test_ppl": math.nan, "eval_seconds": 0.0}
 
 
 def public_record(config: RunConfig, record: dict) -> dict:

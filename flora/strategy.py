@@ -124,7 +124,7 @@ class FloraStrategy(FedAvg):
                 if reply.rejection is None and reply.error is None:
                     self.progress(client_line(server_round, reply))
         record = self.server.aggregate_round(server_round, parsed, self._bytes_down, self._round_started)
-        if self.server.federated_evaluation:
+        if self.server.evaluates_clients(len(self.server.history)):
             return ArrayRecord(), None  # the round's record is complete after aggregate_evaluate
         return ArrayRecord(), self._round_done(record)
 
@@ -139,14 +139,14 @@ class FloraStrategy(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         """Federated evaluation of the round's global model on the held-out split of every node asked to train in
         it (the cost grows with the sampled nodes, not with the connected ones)."""
-        if not self.server.federated_evaluation:
+        if not self.server.evaluates_clients(len(self.server.history)):
             return []
         self._eval_started = time.perf_counter()
         self._sent, self._eval_bytes = self._messages(self._chosen, len(self.server.history), "evaluate")
         return self._sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        if not self.server.federated_evaluation:
+        if not self.server.evaluates_clients(len(self.server.history)):
             return None
         by_node, silent, unsolicited = self._by_node(replies)
         parsed = [EvalReply(client=-1, node=str(m.metadata.src_node_id),
