@@ -38,7 +38,7 @@ def write_report(out: Path) -> str:
     rounds = [m["round"] for m in metrics]
     start = initial_point(out)  # the base model's test loss: the curve starts at round 0
     # NaN: no server test set, or a round eval_every skipped (left out of the curve)
-    points = [(0, start[0])] * bool(start) + [(m["round"], m["test_loss"]) for m in metrics]
+    points = ([(0, start[0])] if start else []) + [(m["round"], m["test_loss"]) for m in metrics]
     points = [(r, loss) for r, loss in points if loss == loss]
     ax.plot([r for r, _ in points], [loss for _, loss in points], marker="o", label="global test loss")
     if any("client_test_loss" in m for m in metrics):
