@@ -117,17 +117,28 @@ class EvalRules:
     applied_end: int | None  # history entries the evaluation message brought the node to (None: nothing sent)
 
 
-def check_eval_fields(reply: EvalReply, rules: EvalRules) -> None:
-    """Ranges of an evaluation reply's fields; :class:`RejectedReply` on the first violation (both engines)."""
-    if rules.applied_end is None:
-        raise RejectedReply("node", reply.node, "a node the server sent an evaluation message to this round")
+def _checked_error_reply(reply: ClientReply | EvalReply, applied_end: int | None, num_partitions: int,
+                         message: str) -> bool:
+    """The checks every reply shares: it answers a message sent this round, and its partition id. An error
+    reply only needs a possible ``applied`` (a restarted client holds fewer updates than it was sent, never
+    more) and any int as partition (a misconfigured client reports its wrong one): True when it is one and
+    passed; False for a successful reply with a valid partition (its other fields are the caller's)."""
+    if applied_end is None:
+        raise RejectedReply("node", reply.node, f"a node the server sent {message} to this round")
     if reply.error is not None:
         _in_range("config 'partition-id'", reply.client, -1, 2 ** 31, "a partition id (an int)")
-        _in_range("metrics 'applied'", reply.applied, 0, rules.applied_end,
-                  f"at most {rules.applied_end}, the round updates the server's message brought this node to")
+        _in_range("metrics 'applied'", reply.applied, 0, applied_end,
+                  f"at most {applied_end}, the round updates the server's message brought this node to")
+        return True
+    _in_range("config 'partition-id'", reply.client, 0, num_partitions - 1,
+              f"the partition id of one of this run's {num_partitions} partitions")
+    return False
+
+
+def check_eval_fields(reply: EvalReply, rules: EvalRules) -> None:
+    """Ranges of an evaluation reply's fields; :class:`RejectedReply` on the first violation (both engines)."""
+    if _checked_error_reply(reply, rules.applied_end, rules.num_partitions, "an evaluation message"):
         return
-    _in_range("config 'partition-id'", reply.client, 0, rules.num_partitions - 1,
-              f"the partition id of one of this run's {rules.num_partitions} partitions")
     _in_range("metrics 'applied'", reply.applied, rules.applied_end, rules.applied_end,
               f"{rules.applied_end}, the round updates the server's message brought this node to")
     _in_range("metrics 'eval-examples'", reply.examples, 0, rules.max_examples,
@@ -148,15 +159,8 @@ def check_reply_fields(reply: ClientReply, rules: ReplyRules) -> None:
     valid partition and a possible ``applied`` (a restarted client holds fewer updates than it was sent,
     never more); a successful one must hold exactly what it was sent.
     """
-    if rules.applied_end is None:
-        raise RejectedReply("node", reply.node, "a node the server sent a message to this round")
-    if reply.error is not None:  # a misconfigured client reports its wrong partition id: any int is fine here
-        _in_range("config 'partition-id'", reply.client, -1, 2 ** 31, "a partition id (an int)")
-        _in_range("metrics 'applied'", reply.applied, 0, rules.applied_end,
-                  f"at most {rules.applied_end}, the round updates the server's message brought this node to")
+    if _checked_error_reply(reply, rules.applied_end, rules.num_partitions, "a message"):
         return
-    _in_range("config 'partition-id'", reply.client, 0, rules.num_partitions - 1,
-              f"the partition id of one of this run's {rules.num_partitions} partitions")
     bound = rules.rank_bound(reply.client)
     _in_range("config 'rank'", reply.rank, 1, bound, f"1..{bound} (the partition's configured rank and layer sizes)")
     _in_range("metrics 'applied'", reply.applied, rules.applied_end, rules.applied_end,
