@@ -274,6 +274,18 @@ class FederationServer:
                    for r in accepted]
         return {"previous": previous, "modules": modules}
 
+    def _ownership_rejection(self, reply: ClientReply | EvalReply) -> str | None:
+        """Why ``reply``'s partition is not its node's to claim (None: it is): the node is bound to another
+        partition, or the partition to another node."""
+        bound = self.node_partition.get(reply.node)
+        if bound is not None and bound != reply.client:
+            return f"config 'partition-id' = {reply.client}: expected {bound}, the partition of node {reply.node}"
+        owner = self.partition_node.get(reply.client)
+        if owner is not None and owner != reply.node:
+            return (f"config 'partition-id' = {reply.client}: partition {reply.client} belongs to node {owner} "
+                    f"(bound by its first accepted reply; a node that fails frees it)")
+        return None
+
     def _rejection(self, reply: ClientReply) -> str | None:
         """Why ``reply`` cannot be used (None: it can; an error reply is then a failure)."""
         if reply.rejection is not None:
@@ -284,13 +296,9 @@ class FederationServer:
             return str(exc)
         if reply.error is not None:
             return None
-        bound = self.node_partition.get(reply.node)
-        if bound is not None and bound != reply.client:
-            return f"config 'partition-id' = {reply.client}: expected {bound}, the partition of node {reply.node}"
-        owner = self.partition_node.get(reply.client)
-        if owner is not None and owner != reply.node:
-            return (f"config 'partition-id' = {reply.client}: partition {reply.client} belongs to node {owner} "
-                    f"(bound by its first accepted reply; a node that fails frees it)")
+        ownership = self._ownership_rejection(reply)
+        if ownership is not None:
+            return ownership
         try:
             check_update(reply.factors, client=reply.client, layer_shapes=self.assets.layer_shapes,
                          max_norm=self.config.max_update_norm or None, max_rank=reply.rank, dtypes=self.factor_dtypes)
@@ -505,12 +513,7 @@ class FederationServer:
                 except RejectedReply as exc:
                     reason = str(exc)
             if reason is None and reply.error is None:
-                bound = self.node_partition.get(reply.node)
-                owners = [n for n, k in self.node_partition.items() if k == reply.client and n != reply.node]
-                if bound is not None and bound != reply.client:
-                    reason = f"config 'partition-id' = {reply.client}: expected {bound}, the partition of node {reply.node}"
-                elif owners:
-                    reason = f"config 'partition-id' = {reply.client}: partition {reply.client} belongs to node {owners[0]}"
+                reason = self._ownership_rejection(reply)
             if reason is not None:
                 log.warning("round %d: rejected evaluation: client %s (node %s): %s", round_,
                             "?" if reply.client == -1 else reply.client, reply.node, reason)
