@@ -51,9 +51,10 @@ HOMOGENEOUS_METHODS = ["flora", "fedit", "ffa", "fedex", "flexlora", "florana", 
 HETEROGENEOUS_METHODS = ["flora", "zeropad", "flexlora", "raflora", "fedplora", "flora-warm", "centralized",
                          "standalone"]
 # The runs every seed gets, per setting; FLoRA (first) is paired with each of the others.
-KEY_PAIRS = {"homogeneous": ("flora", "fedit", "florana", "flora-warm"),
+KEY_PAIRS = {"homogeneous": ("flora", "fedit", "fedex", "florana", "flora-warm"),
              "heterogeneous": ("flora", "zeropad", "raflora", "fedplora", "flora-warm")}
-NEW_METHODS = ("florana", "raflora", "fedplora")  # issue 22's peers: each setting's best of them is a reference too
+NEW_METHODS = ("florana", "raflora", "fedplora")
+WARM = "flora-warm"  # issue 20's exact warm restart: paired with every other key run too  # issue 22's peers: each setting's best of them is a reference too
 
 PROFILES = {
     "quick": dict(settings=dict(rounds=2, local_steps=1, batch_size=2, micro_batch_size=2, cutoff=128,
@@ -200,13 +201,15 @@ def best_new_method(rows: dict[str, dict], setting: str) -> str | None:
 
 def key_comparisons(rows: dict[str, dict]) -> list[tuple[str, tuple[str, str]]]:
     """``(setting, (first, second))`` for every paired difference the report shows: FLoRA minus each other key
-    run, then every other key run minus the best of the new peers."""
+    run, FLoRA-warm (issue 20) minus each key run but FLoRA, then every other key run minus the best of the new
+    peers."""
     comparisons = []
     for setting, methods in KEY_PAIRS.items():
         comparisons += [(setting, (methods[0], other)) for other in methods[1:]]
+        comparisons += [(setting, (WARM, other)) for other in methods[1:] if other != WARM]
         best = best_new_method(rows, setting)
         if best is not None:
-            comparisons += [(setting, (other, best)) for other in methods if other not in (best, methods[0])]
+            comparisons += [(setting, (other, best)) for other in methods if other not in (best, methods[0], WARM)]
     return comparisons
 
 

@@ -12,7 +12,7 @@ reproduce = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(reproduce)
 
 
-@pytest.mark.parametrize("profile, count", [("quick", 17), ("full", 38)])
+@pytest.mark.parametrize("profile, count", [("quick", 17), ("full", 40)])
 def test_plan_has_every_method_setting_and_extra(profile, count, tmp_path):
     runs = reproduce.plan(profile, tmp_path)
     names = [name for name, _, _ in runs]
@@ -66,12 +66,15 @@ def test_key_comparisons_pair_flora_with_each_key_run_and_each_with_the_best_new
     assert reproduce.best_new_method(rows, "heterogeneous") == "fedplora"
     assert reproduce.best_new_method(rows, "homogeneous") is None
     assert reproduce.key_comparisons(rows) == [
-        ("homogeneous", ("flora", "fedit")), ("homogeneous", ("flora", "florana")),
-        ("homogeneous", ("flora", "flora-warm")),
+        ("homogeneous", ("flora", "fedit")), ("homogeneous", ("flora", "fedex")),
+        ("homogeneous", ("flora", "florana")), ("homogeneous", ("flora", "flora-warm")),
+        ("homogeneous", ("flora-warm", "fedit")), ("homogeneous", ("flora-warm", "fedex")),
+        ("homogeneous", ("flora-warm", "florana")),
         ("heterogeneous", ("flora", "zeropad")), ("heterogeneous", ("flora", "raflora")),
         ("heterogeneous", ("flora", "fedplora")), ("heterogeneous", ("flora", "flora-warm")),
-        ("heterogeneous", ("zeropad", "fedplora")),
-        ("heterogeneous", ("raflora", "fedplora")), ("heterogeneous", ("flora-warm", "fedplora"))]
+        ("heterogeneous", ("flora-warm", "zeropad")), ("heterogeneous", ("flora-warm", "raflora")),
+        ("heterogeneous", ("flora-warm", "fedplora")),
+        ("heterogeneous", ("zeropad", "fedplora")), ("heterogeneous", ("raflora", "fedplora"))]
     diff = reproduce.paired_differences(rows, "heterogeneous", ("raflora", "fedplora"))
     assert diff["per_seed"] == {0: pytest.approx(0.05), 1: pytest.approx(0.05)}
 
@@ -103,3 +106,31 @@ def test_local_steps_plan_keeps_the_budget_and_runs_the_pairs_first(tmp_path):
     assert {c.client_eval_examples for _, c in local_steps.plan(tmp_path, 8, (2, 8, 4), 0)} == {0}
     with pytest.raises(ValueError, match="must divide"):
         local_steps.plan(tmp_path, 8, (3,))
+
+
+def test_adalora_main_job_changes_only_the_adapter_keys_and_counts_seeds_within_the_goal(tmp_path):
+    spec = importlib.util.spec_from_file_location("amj", Path(__file__).parents[1] / "benchmarks" / "adalora_main_job.py")
+    amj = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(amj)
+    fix = {"adalora_init": "orthonormal", "adalora_value_lr_ratio": 256.0}
+    runs = dict(amj.configs([0, 2], tmp_path, {"device": "cpu"}, fix, tag="v256"))
+    assert list(runs) == ["lora-s0", "adalora-v256-s0", "lora-s2", "adalora-v256-s2"]
+    main_job = amj.load_config(amj.QUICKSTART)
+    for name, config in runs.items():
+        lora = name.startswith("lora")
+        assert config.adapters == (["lora"] if lora else ["adalora"]) and config.seed == int(name[-1])
+        assert (config.adalora_init, config.adalora_value_lr_ratio) == (
+            ("gaussian", 1.0) if lora else ("orthonormal", 256.0))
+        assert (config.rounds, config.local_steps, config.ranks, config.cutoff, config.max_examples) == (
+            main_job.rounds, main_job.local_steps, main_job.ranks, main_job.cutoff, main_job.max_examples)
+
+    def result(adapter, seed, final, up):
+        return {"adapter": adapter, "seed": seed, "test_loss": [2.0, final], "client_test_loss": [1.9, final - 0.1],
+                "bytes_up": [up, up]}
+
+    table = amj.markdown([result("lora", 0, 1.90, 100), result("adalora-v256", 0, 1.905, 46),
+                          result("lora", 1, 1.80, 100), result("adalora-v256", 1, 1.8150, 46),
+                          result("adalora", 0, 1.80, 46)], "cmd")
+    assert "adalora-v256 − LoRA, final test loss: mean +0.0100; within 0.01 on 1/2 seeds." in table
+    assert "adalora − LoRA, final test loss: mean -0.1000; within 0.01 on 1/1 seeds." in table
+    assert "(0.46)" in table
