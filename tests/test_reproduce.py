@@ -134,3 +134,16 @@ def test_adalora_main_job_changes_only_the_adapter_keys_and_counts_seeds_within_
     assert "adalora-v256 − LoRA, final test loss: mean +0.0100; within 0.01 on 1/2 seeds." in table
     assert "adalora − LoRA, final test loss: mean -0.1000; within 0.01 on 1/1 seeds." in table
     assert "(0.46)" in table
+
+
+def test_every_shipped_config_loads_and_adalora_toml_is_the_main_job_with_the_measured_adalora_keys():
+    from flora.config import load_config
+
+    configs = Path(__file__).parents[1] / "configs"
+    loaded = {path.stem: load_config(path) for path in sorted(configs.glob("*.toml"))}
+    assert {"quickstart", "adalora"} <= loaded.keys()
+    main_job, adalora = loaded["quickstart"].to_dict(), loaded["adalora"].to_dict()
+    changed = {key for key in main_job if main_job[key] != adalora[key]}
+    assert changed == {"adapters", "adalora_init", "adalora_value_lr_ratio", "out_dir"}
+    assert (adalora["adapters"], adalora["adalora_init"], adalora["adalora_value_lr_ratio"]) == (
+        ["adalora"], "orthonormal", 256.0)
