@@ -43,6 +43,7 @@ class RunConfig:
     min_clients: int = 1
     weighting: str = "num_examples"  # or 'uniform'
     max_client_weight: float = 0.0  # no client's weight above this; deployment: > 0 lets claimed sizes count (0 = uniform)
+    server_lr: float = 1.0  # merging methods: the base weights take server_lr × the aggregate (FedAvg's server step)
     partition: str = "dirichlet"  # iid | dirichlet | quantity
     dirichlet_alpha: float = 0.5
     test_fraction: float = 0.05
@@ -142,6 +143,15 @@ class RunConfig:
             raise ConfigError(f"min_clients = {self.min_clients} exceeds num_clients = {self.num_clients}")
         if self.weighting not in ("num_examples", "uniform"):
             raise ConfigError(f"weighting = {self.weighting!r}: expected 'num_examples' or 'uniform'")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ConfigError(f"server_lr = {self.server_lr}: expected a finite step > 0 (1 = the plain aggregate)")
+        if self.server_lr != 1 and not self.spec.merges:
+            merging = ", ".join(repr(n) for n, s in METHODS.items() if s.merges and s.aggregate is not None)
+            raise ConfigError(f"server_lr = {self.server_lr}: a server step applies to methods that merge the "
+                              f"aggregate into the base weights ({merging}), got method {self.method!r}")
+        if self.server_lr != 1 and self.dp_enabled:
+            raise ConfigError(f"server_lr = {self.server_lr}: with differential privacy the noisy aggregate is "
+                              f"merged as it is (set server_lr = 1)")
         if not 0 <= self.max_client_weight <= 1:
             raise ConfigError(f"max_client_weight = {self.max_client_weight}: expected a weight in [0, 1] (0 = no cap; "
                               f"a deployment then weights clients uniformly)")

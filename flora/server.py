@@ -362,7 +362,8 @@ class FederationServer:
         update = RoundUpdate(round=round_)
         if spec.merges:
             for name, (A, B) in result.global_factors.items():
-                form, merge = self._broadcast_form(A, B)
+                # server_lr scales the exact aggregate (B side): the error above is the rule's, before the step
+                form, merge = self._broadcast_form(A, B if config.server_lr == 1 else B * config.server_lr)
                 update.merge[name] = merge
                 update.forms[form] = update.forms.get(form, 0) + 1
         else:

@@ -160,6 +160,11 @@ def test_rejected_update_is_logged_and_round_goes_on(assets_dir, tmp_path, caplo
     (["rounds=two"], "rounds = 'two': expected int"),
     (["colour=red"], "unknown key"),
     (["sample_fraction=0"], "sample_fraction"),
+    (["server_lr=0"], "server_lr = 0.0: expected a finite step > 0"),
+    (["server_lr=inf"], "server_lr = inf: expected a finite step > 0"),
+    (["method=fedit", "ranks=4", "server_lr=2"], "server_lr = 2.0: a server step applies to methods that merge"),
+    (["server_lr=2", "dp_noise_multiplier=0.5", "dp_clip_norm=1", "weighting=uniform"],
+     "server_lr = 2.0: with differential privacy"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -423,3 +428,25 @@ def test_eval_every_skips_rounds_and_report_plot_and_resume_handle_them(assets_d
     resumed = run_in_process(stopped, progress=lambda _: None, resume=True).metrics
     assert math.isnan(resumed[0]["test_loss"])
     assert [m["test_loss"] for m in resumed[1:]] == pytest.approx([m["test_loss"] for m in sparse[1:]], rel=1e-6)
+
+
+def test_server_lr_scales_the_merged_update_exactly_and_keeps_the_rule_exact(assets_dir, tmp_path):
+    """One round from the same base: the base weights take server_lr × the aggregate FLoRA merges at 1 (same
+    client training, same aggregation error); FLoRA-warm stays exact with a server step."""
+    from flora.models.loader import load_model
+
+    runs = {lr: run_in_process(tiny_config(assets_dir, tmp_path / str(lr), rounds=1, server_lr=lr),
+                               progress=lambda _: None) for lr in (1.0, 2.5)}
+    base = load_model(str(assets_dir / "model")).model.state_dict()
+    one, step = (runs[lr].state.model.state_dict() for lr in (1.0, 2.5))
+    moved = [n for n in base if not torch.equal(one[n], base[n])]
+    assert moved and all(".layers." in n for n in moved)
+    delta_one = torch.cat([(one[n] - base[n]).flatten().double() for n in moved])
+    delta_step = torch.cat([(step[n] - base[n]).flatten().double() for n in moved])
+    assert torch.linalg.norm(delta_step - 2.5 * delta_one) <= 1e-4 * torch.linalg.norm(2.5 * delta_one)
+    assert all(torch.equal(one[n], step[n]) for n in base if n not in moved)
+    assert runs[2.5].metrics[0]["train_loss"] == runs[1.0].metrics[0]["train_loss"]
+    assert runs[2.5].metrics[0]["aggregation_error"] == pytest.approx(runs[1.0].metrics[0]["aggregation_error"])
+    warm = run_in_process(tiny_config(assets_dir, tmp_path / "warm", method="flora-warm", server_lr=2.0),
+                          progress=lambda _: None).metrics
+    assert all(m["aggregation_error"] < 1e-4 and math.isfinite(m["test_loss"]) for m in warm)
