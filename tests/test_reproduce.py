@@ -12,7 +12,7 @@ reproduce = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(reproduce)
 
 
-@pytest.mark.parametrize("profile, count", [("quick", 17), ("full", 40)])
+@pytest.mark.parametrize("profile, count", [("quick", 17), ("full", 42)])
 def test_plan_has_every_method_setting_and_extra(profile, count, tmp_path):
     runs = reproduce.plan(profile, tmp_path)
     names = [name for name, _, _ in runs]
@@ -38,6 +38,8 @@ def test_plan_has_every_method_setting_and_extra(profile, count, tmp_path):
                 assert {configs[f"{setting}-{method}-s{s}"].seed for s in (0, 1, 2)} == {0, 1, 2}
         assert configs["heterogeneous-flora-uniform-s0"].weighting == "uniform"
         assert configs["homogeneous-flora-iid-s0"].partition == "iid"
+        assert [configs[f"heterogeneous-flora-lr{s}-s0"].server_lr for s in (2, 4)] == [2.0, 4.0]
+        assert all(c.server_lr == 1 for n, c in configs.items() if "-lr" not in n)
         assert all(c.partition == "dirichlet" for n, c in configs.items() if "iid" not in n)
 
 
