@@ -86,7 +86,8 @@ def compare_rows(out: Path) -> list[dict]:
                "mib_up": sum(m["bytes_up"] for m in metrics) / 2**20,
                "mib_down": sum(m["bytes_down"] for m in metrics) / 2**20,
                "round_seconds": sum(m["seconds"] for m in metrics),
-               "test_loss_per_round": [m["test_loss"] for m in metrics]}
+               "test_loss_per_round": [m["test_loss"] for m in metrics],
+               "test_loss_round0": (initial_point(run_dir) or [None])[0]}  # the base model's, if recorded
         wall = run_dir / "wall.json"
         row["wall_seconds"] = json.loads(wall.read_text())["wall_seconds"] if wall.is_file() else row["round_seconds"]
         evaluation = run_dir / "eval.json"
@@ -128,7 +129,9 @@ def write_compare_report(out: Path) -> str:
     colours = plt.get_cmap("tab20").colors
     methods = sorted({r["method"] for r in rows})
     for r in rows:  # colour per method, dashed for the heterogeneous setting
-        evaluated = [(k, x) for k, x in enumerate(r["test_loss_per_round"], start=1) if x == x]  # eval_every: NaN
+        start = [r["test_loss_round0"]] if r.get("test_loss_round0") is not None else []  # the plot starts at round 0
+        evaluated = [(k, x) for k, x in enumerate(start + r["test_loss_per_round"], start=1 - len(start))
+                     if x == x]  # eval_every: NaN
         ax.plot([k for k, _ in evaluated], [x for _, x in evaluated], marker="o", label=r["run"],
                 color=colours[2 * methods.index(r["method"]) % len(colours)],
                 linestyle="--" if r["run"].startswith("heterogeneous") else "-")

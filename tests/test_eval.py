@@ -227,7 +227,11 @@ def test_compare_report_from_metrics_files(tmp_path):
     _write_run(tmp_path / "homogeneous-fedit", "fedit", [2.0, 1.9, 1.95], 0.9)
     (tmp_path / "homogeneous-flora" / "eval.json").write_text(
         json.dumps({"mmlu": {"cloze": {"accuracy": 0.3, "ci95": [0.27, 0.33]}}}))
+    (tmp_path / "homogeneous-flora" / "round0.json").write_text(json.dumps({"round": 0, "test_loss": 2.25}))
     assert main(["report", str(tmp_path)]) == 0
+    rows = {r["run"]: r for r in json.loads((tmp_path / "compare.json").read_text())}
+    assert rows["homogeneous-flora"]["test_loss_round0"] == 2.25  # the compare plot starts there, at round 0
+    assert rows["homogeneous-fedit"]["test_loss_round0"] is None  # a run from before round0.json: from round 1
     table = (tmp_path / "compare.md").read_text()
     assert "| homogeneous-flora | 1.7000 | 1.7000 | 0.300 (0.270–0.330) | 1.00e-07 | 3.0 | 6.0 |" in table
     assert "| homogeneous-fedit | 1.9500 | 1.9000 | – | 9.00e-01 |" in table
