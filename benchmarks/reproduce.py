@@ -54,7 +54,9 @@ HETEROGENEOUS_METHODS = ["flora", "zeropad", "flexlora", "raflora", "fedplora", 
 KEY_PAIRS = {"homogeneous": ("flora", "fedit", "fedex", "florana", "flora-warm"),
              "heterogeneous": ("flora", "zeropad", "raflora", "fedplora", "flora-warm")}
 NEW_METHODS = ("florana", "raflora", "fedplora")
-SERVER_STEPS = (2.0, 4.0)  # server_lr of the FLoRA control runs (mixed ranks, seed 0)
+# the step-size control (mixed ranks, seed 0): (method, server_lr); flora-warm at 4 asks whether the warm start
+# still helps once the step is as large as the peers'
+SERVER_STEP_RUNS = (("flora", 2.0), ("flora", 4.0), ("flora-warm", 4.0))
 WARM = "flora-warm"  # issue 20's exact warm restart: paired with every other key run too  # issue 22's peers: each setting's best of them is a reference too
 
 PROFILES = {
@@ -95,8 +97,8 @@ def plan(profile: str, out: Path) -> list[tuple[str, RunConfig, bool]]:
     for setting in KEY_PAIRS:
         add(f"{setting}-flora-iid-s0", False, method="flora", partition="iid",
             ranks=[16] if setting == "homogeneous" else list(HETEROGENEOUS))
-    for step in SERVER_STEPS:  # the step-size control for the peers that end below FLoRA with mixed ranks
-        add(f"heterogeneous-flora-lr{step:g}-s0", False, method="flora", ranks=list(HETEROGENEOUS), server_lr=step)
+    for method, step in SERVER_STEP_RUNS:  # the step-size control for the peers that end below FLoRA (mixed ranks)
+        add(f"heterogeneous-{method}-lr{step:g}-s0", False, method=method, ranks=list(HETEROGENEOUS), server_lr=step)
     return runs
 
 
@@ -278,7 +280,8 @@ def report(profile: str) -> str:
         parts.append("")
     extras = [rows[n] for n in ("heterogeneous-flora-s0", "heterogeneous-flora-uniform-s0", "homogeneous-flora-s0",
                                 "homogeneous-flora-iid-s0", "heterogeneous-flora-iid-s0",
-                                *(f"heterogeneous-flora-lr{step:g}-s0" for step in SERVER_STEPS)) if n in rows]
+                                "heterogeneous-flora-warm-s0",
+                                *(f"heterogeneous-{m}-lr{step:g}-s0" for m, step in SERVER_STEP_RUNS)) if n in rows]
     if any("uniform" in r["name"] or "iid" in r["name"] or "-lr" in r["name"] for r in extras):
         parts += ["## Ablation (p_k), IID control and server step (`server_lr`)\n", "| run | final | best | max agg. error |", "|---|---:|---:|---:|"]
         parts += [f"| {r['name']} | {_fmt(r['final_test_loss'])} | {_fmt(r['best_test_loss'])} | "

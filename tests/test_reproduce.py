@@ -12,7 +12,7 @@ reproduce = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(reproduce)
 
 
-@pytest.mark.parametrize("profile, count", [("quick", 17), ("full", 42)])
+@pytest.mark.parametrize("profile, count", [("quick", 17), ("full", 43)])
 def test_plan_has_every_method_setting_and_extra(profile, count, tmp_path):
     runs = reproduce.plan(profile, tmp_path)
     names = [name for name, _, _ in runs]
@@ -39,6 +39,7 @@ def test_plan_has_every_method_setting_and_extra(profile, count, tmp_path):
         assert configs["heterogeneous-flora-uniform-s0"].weighting == "uniform"
         assert configs["homogeneous-flora-iid-s0"].partition == "iid"
         assert [configs[f"heterogeneous-flora-lr{s}-s0"].server_lr for s in (2, 4)] == [2.0, 4.0]
+        assert configs["heterogeneous-flora-warm-lr4-s0"].method == "flora-warm"
         assert all(c.server_lr == 1 for n, c in configs.items() if "-lr" not in n)
         assert all(c.partition == "dirichlet" for n, c in configs.items() if "iid" not in n)
 
