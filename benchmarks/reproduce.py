@@ -54,9 +54,12 @@ HETEROGENEOUS_METHODS = ["flora", "zeropad", "flexlora", "raflora", "fedplora", 
 KEY_PAIRS = {"homogeneous": ("flora", "fedit", "fedex", "florana", "flora-warm"),
              "heterogeneous": ("flora", "zeropad", "raflora", "fedplora", "flora-warm")}
 NEW_METHODS = ("florana", "raflora", "fedplora")
-# the step-size control (mixed ranks, seed 0): (method, server_lr); flora-warm at 4 asks whether the warm start
+# the step-size control (mixed ranks): (method, server_lr, seeds); flora-warm at 4 asks whether the warm start
 # still helps once the step is as large as the peers'
-SERVER_STEP_RUNS = (("flora", 2.0), ("flora", 4.0), ("flora-warm", 4.0))
+SERVER_STEP_RUNS = (("flora", 2.0, (0,)), ("flora", 4.0, (0, 1, 2)), ("flora-warm", 4.0, (0, 1, 2)))
+# paired differences of the control (heterogeneous; names as in SETTING-NAME-sSEED)
+STEP_COMPARISONS = (("flora-lr4", "fedplora"), ("flora-lr4", "raflora"), ("flora-warm-lr4", "flora-lr4"),
+                    ("flora-warm-lr4", "fedplora"), ("flora-warm-lr4", "raflora"))
 WARM = "flora-warm"  # issue 20's exact warm restart: paired with every other key run too  # issue 22's peers: each setting's best of them is a reference too
 
 PROFILES = {
@@ -97,8 +100,10 @@ def plan(profile: str, out: Path) -> list[tuple[str, RunConfig, bool]]:
     for setting in KEY_PAIRS:
         add(f"{setting}-flora-iid-s0", False, method="flora", partition="iid",
             ranks=[16] if setting == "homogeneous" else list(HETEROGENEOUS))
-    for method, step in SERVER_STEP_RUNS:  # the step-size control for the peers that end below FLoRA (mixed ranks)
-        add(f"heterogeneous-{method}-lr{step:g}-s0", False, method=method, ranks=list(HETEROGENEOUS), server_lr=step)
+    for method, step, seeds in SERVER_STEP_RUNS:  # the step-size control for the peers that end below FLoRA
+        for seed in seeds:
+            add(f"heterogeneous-{method}-lr{step:g}-s{seed}", False, method=method, ranks=list(HETEROGENEOUS),
+                server_lr=step, seed=seed)
     return runs
 
 
@@ -206,8 +211,8 @@ def best_new_method(rows: dict[str, dict], setting: str) -> str | None:
 
 def key_comparisons(rows: dict[str, dict]) -> list[tuple[str, tuple[str, str]]]:
     """``(setting, (first, second))`` for every paired difference the report shows: FLoRA minus each other key
-    run, FLoRA-warm (issue 20) minus each key run but FLoRA, then every other key run minus the best of the new
-    peers."""
+    run, FLoRA-warm (issue 20) minus each key run but FLoRA, every other key run minus the best of the new
+    peers, then the server-step control's pairs."""
     comparisons = []
     for setting, methods in KEY_PAIRS.items():
         comparisons += [(setting, (methods[0], other)) for other in methods[1:]]
@@ -215,6 +220,7 @@ def key_comparisons(rows: dict[str, dict]) -> list[tuple[str, tuple[str, str]]]:
         best = best_new_method(rows, setting)
         if best is not None:
             comparisons += [(setting, (other, best)) for other in methods if other not in (best, methods[0], WARM)]
+    comparisons += [("heterogeneous", pair) for pair in STEP_COMPARISONS]  # shown where both have finished seeds
     return comparisons
 
 
@@ -281,7 +287,7 @@ def report(profile: str) -> str:
     extras = [rows[n] for n in ("heterogeneous-flora-s0", "heterogeneous-flora-uniform-s0", "homogeneous-flora-s0",
                                 "homogeneous-flora-iid-s0", "heterogeneous-flora-iid-s0",
                                 "heterogeneous-flora-warm-s0",
-                                *(f"heterogeneous-{m}-lr{step:g}-s0" for m, step in SERVER_STEP_RUNS)) if n in rows]
+                                *(f"heterogeneous-{m}-lr{step:g}-s0" for m, step, _ in SERVER_STEP_RUNS)) if n in rows]
     if any("uniform" in r["name"] or "iid" in r["name"] or "-lr" in r["name"] for r in extras):
         parts += ["## Ablation (p_k), IID control and server step (`server_lr`)\n", "| run | final | best | max agg. error |", "|---|---:|---:|---:|"]
         parts += [f"| {r['name']} | {_fmt(r['final_test_loss'])} | {_fmt(r['best_test_loss'])} | "

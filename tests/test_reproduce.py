@@ -12,7 +12,7 @@ reproduce = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(reproduce)
 
 
-@pytest.mark.parametrize("profile, count", [("quick", 17), ("full", 43)])
+@pytest.mark.parametrize("profile, count", [("quick", 17), ("full", 47)])
 def test_plan_has_every_method_setting_and_extra(profile, count, tmp_path):
     runs = reproduce.plan(profile, tmp_path)
     names = [name for name, _, _ in runs]
@@ -40,6 +40,7 @@ def test_plan_has_every_method_setting_and_extra(profile, count, tmp_path):
         assert configs["homogeneous-flora-iid-s0"].partition == "iid"
         assert [configs[f"heterogeneous-flora-lr{s}-s0"].server_lr for s in (2, 4)] == [2.0, 4.0]
         assert configs["heterogeneous-flora-warm-lr4-s0"].method == "flora-warm"
+        assert {configs[f"heterogeneous-flora-warm-lr4-s{s}"].seed for s in (0, 1, 2)} == {0, 1, 2}
         assert all(c.server_lr == 1 for n, c in configs.items() if "-lr" not in n)
         assert all(c.partition == "dirichlet" for n, c in configs.items() if "iid" not in n)
 
@@ -77,7 +78,8 @@ def test_key_comparisons_pair_flora_with_each_key_run_and_each_with_the_best_new
         ("heterogeneous", ("flora", "fedplora")), ("heterogeneous", ("flora", "flora-warm")),
         ("heterogeneous", ("flora-warm", "zeropad")), ("heterogeneous", ("flora-warm", "raflora")),
         ("heterogeneous", ("flora-warm", "fedplora")),
-        ("heterogeneous", ("zeropad", "fedplora")), ("heterogeneous", ("raflora", "fedplora"))]
+        ("heterogeneous", ("zeropad", "fedplora")), ("heterogeneous", ("raflora", "fedplora")),
+        *(("heterogeneous", pair) for pair in reproduce.STEP_COMPARISONS)]
     diff = reproduce.paired_differences(rows, "heterogeneous", ("raflora", "fedplora"))
     assert diff["per_seed"] == {0: pytest.approx(0.05), 1: pytest.approx(0.05)}
 
