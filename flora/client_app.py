@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import NamedTuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -32,7 +33,16 @@ install_open_log("client")
 HISTORY, HISTORY_COUNT = "flora-history", "flora-history-count"
 
 
-def _payload(msg: Message, context: Context) -> tuple[RunConfig, int, int, list, dict]:
+class Payload(NamedTuple):
+    config: RunConfig
+    partition_id: int
+    first: int  # history index of the first catch-up update
+    updates: list
+    source: dict  # FederationClient's data_path / data_format keywords
+    tensors: dict  # the message's arrays, decoded once (a deployed node keeps them in context.state)
+
+
+def _payload(msg: Message, context: Context) -> Payload:
     """The run config, partition, catch-up updates and data source of a message to this node (the round
     updates it held before, from ``context.state``, already re-applied in a new process)."""
     meta = msg.content["config"]
@@ -46,12 +56,12 @@ def _payload(msg: Message, context: Context) -> tuple[RunConfig, int, int, list,
         _restore_history(context, config)
     source = {"data_path": str(node["data-path"]) if node.get("data-path") else None,
               "data_format": str(node.get("format") or "auto")}
-    return config, int(node["partition-id"]), first, updates, source
+    return Payload(config, int(node["partition-id"]), first, updates, source, tensors)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config, partition_id, first, updates, source = _payload(msg, context)
+    config, partition_id, first, updates, source, tensors = _payload(msg, context)
     # Deployment: each SuperNode may set its own rank with --node-config "lora-rank=16".
     rank = int(context.node_config["lora-rank"]) if "lora-rank" in context.node_config else None
     client = FederationClient(config, PROCESS_RUNTIME)  # the assets and global state this process keeps
@@ -59,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
     reply = client.train(partition_id, str(context.node_id), server_round, first, updates, rank=rank, **source,
                          on_step=None if config.dp_enabled else  # DP: no per-client statistic in shared logs
                          step_printer(server_round, config.rounds, partition_id))
-    _remember_history(msg, context, config)
+    _remember_history(tensors, context, config)
     used_rank = rank or config.client_rank(partition_id)
     content = RecordDict({
         "arrays": ArrayRecord(torch_state_dict=factors_to_tensors(reply.factors)) if reply.factors else ArrayRecord(),
@@ -73,10 +83,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation: the global model's loss on this node's own held-out split, and its token count."""
-    config, partition_id, first, updates, source = _payload(msg, context)
+    config, partition_id, first, updates, source, tensors = _payload(msg, context)
     client = FederationClient(config, PROCESS_RUNTIME)
     reply = client.evaluate(partition_id, str(context.node_id), first, updates, **source)
-    _remember_history(msg, context, config)
+    _remember_history(tensors, context, config)
     content = RecordDict({
         "metrics": MetricRecord({"eval-loss": reply.loss if math.isfinite(reply.loss) else 0.0,
                                  "eval-tokens": reply.tokens, "eval-examples": reply.examples,
@@ -86,26 +96,29 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _history_count(context: Context) -> int:
+    """How many round updates ``context.state`` holds for this node."""
+    return int(context.state[HISTORY_COUNT]["count"]) if HISTORY_COUNT in context.state else 0
+
 
 def _restore_history(context: Context, config: RunConfig) -> None:
     """Re-apply the round updates this node held after its last message (a new process holds none)."""
     state = PROCESS_RUNTIME.client_state(config)
-    count = int(context.state[HISTORY_COUNT]["count"]) if HISTORY_COUNT in context.state else 0
+    count = _history_count(context)
     if state.applied < count:
         state.apply(updates_from_tensors(context.state[HISTORY].to_torch_state_dict(), 0, count), 0)
 
 
-def _remember_history(msg: Message, context: Context, config: RunConfig) -> None:
-    """Keep in ``context.state`` every round update this node now holds (a deployed node only)."""
+def _remember_history(tensors: dict, context: Context, config: RunConfig) -> None:
+    """Keep in ``context.state`` every round update this node now holds (a deployed node only): those it held,
+    and those of the message's ``tensors`` it did not."""
     if not context.node_config.get("data-path"):
         return
     applied = PROCESS_RUNTIME.client_state(config).applied
-    count = int(context.state[HISTORY_COUNT]["count"]) if HISTORY_COUNT in context.state else 0
+    count = _history_count(context)
     if applied <= count:
         return
     kept = context.state[HISTORY].to_torch_state_dict() if count else {}
-    arrays = msg.content["arrays"]
-    new = {key: tensor for key, tensor in (arrays.to_torch_state_dict() if len(arrays) else {}).items()
-           if count <= int(key.split(".", 1)[0][1:]) < applied}
+    new = {key: tensor for key, tensor in tensors.items() if count <= int(key.split(".", 1)[0][1:]) < applied}
     context.state[HISTORY] = ArrayRecord(torch_state_dict={**kept, **new})
     context.state[HISTORY_COUNT] = ConfigRecord({"count": applied})

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -108,17 +108,8 @@ class FloraStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round = len(self.server.history) + 1
-        by_node, silent, unsolicited = self._by_node(replies)
-        parsed = [ClientReply(client=-1, node=str(m.metadata.src_node_id), factors=None,
-                              rejection="reply_to_message_id: expected a message sent this round") for m in unsolicited]
-        for node, messages in by_node.items():
-            if len(messages) > 1:
-                parsed.append(ClientReply(client=-1, node=node, factors=None,
-                                          rejection=f"replies = {len(messages)}: expected one reply per message"))
-            else:
-                parsed.append(self._decode(node, messages[0]))
-        for node in silent:  # nodes that never answered
-            parsed.append(self._failed(node, f"no reply within round_timeout = {self.config.round_timeout:g} s"))
+        parsed = self._screen(replies, lambda **rejected: ClientReply(factors=None, **rejected), self._decode,
+                              self._failed)
         if not self.config.dp_enabled:  # with DP a client's loss is an unprivatised statistic
             for reply in parsed:
                 if reply.rejection is None and reply.error is None:
@@ -148,27 +139,35 @@ class FloraStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if not self.server.evaluates_clients(len(self.server.history)):
             return None
-        by_node, silent, unsolicited = self._by_node(replies)
-        parsed = [EvalReply(client=-1, node=str(m.metadata.src_node_id),
-                            rejection="reply_to_message_id: expected a message sent this round") for m in unsolicited]
-        for node, messages in by_node.items():
-            message = messages[0]
-            if len(messages) > 1:
-                parsed.append(EvalReply(client=-1, node=node,
-                                        rejection=f"replies = {len(messages)}: expected one reply per message"))
-            elif message.has_error():
-                parsed.append(self._eval_failed(node, f"{message.error.code}: {message.error.reason}"[:300]))
-            else:
-                try:
-                    parsed.append(decode_eval_reply(reply_view(message), node, self.server.eval_rules_for(node)))
-                except Exception as exc:  # noqa: BLE001 -- no reply may end the run
-                    log.exception("round %d: node %s: decoding its evaluation failed", len(self.server.history), node)
-                    parsed.append(EvalReply(client=-1, node=node, rejection=f"undecodable reply ({type(exc).__name__})"))
-        for node in silent:
-            parsed.append(self._eval_failed(node, f"no reply within round_timeout = {self.config.round_timeout:g} s"))
+        parsed = self._screen(replies, EvalReply, self._decode_eval, self._eval_failed)
         record = self.server.record_evaluation(len(self.server.history), parsed, self._eval_bytes,
                                                time.perf_counter() - self._eval_started)
         return self._round_done(record)
+
+    def _screen(self, replies: Iterable[Message], rejected: Callable[..., ClientReply | EvalReply],
+                decode: Callable[[str, Message], ClientReply | EvalReply],
+                failed: Callable[[str, str], ClientReply | EvalReply]) -> list[ClientReply | EvalReply]:
+        """A phase's replies (train or evaluate), one per node asked: ``decode(node, message)`` for a node's one
+        reply; ``rejected(client=-1, node=..., rejection=...)`` for a reply to no message of this phase and for a
+        node that answered more than once; ``failed(node, error)`` for a node that never answered."""
+        by_node, silent, unsolicited = self._by_node(replies)
+        parsed = [rejected(client=-1, node=str(m.metadata.src_node_id),
+                           rejection="reply_to_message_id: expected a message sent this round") for m in unsolicited]
+        for node, messages in by_node.items():
+            parsed.append(decode(node, messages[0]) if len(messages) == 1 else
+                          rejected(client=-1, node=node,
+                                   rejection=f"replies = {len(messages)}: expected one reply per message"))
+        parsed += [failed(node, f"no reply within round_timeout = {self.config.round_timeout:g} s") for node in silent]
+        return parsed
+
+    def _decode_eval(self, node: str, message: Message) -> EvalReply:
+        if message.has_error():
+            return self._eval_failed(node, f"{message.error.code}: {message.error.reason}"[:300])
+        try:
+            return decode_eval_reply(reply_view(message), node, self.server.eval_rules_for(node))
+        except Exception as exc:  # noqa: BLE001 -- no reply may end the run
+            log.exception("round %d: node %s: decoding its evaluation failed", len(self.server.history), node)
+            return EvalReply(client=-1, node=node, rejection=f"undecodable reply ({type(exc).__name__})")
 
     def _eval_failed(self, node: str, error: str) -> EvalReply:
         return EvalReply(client=self.server.node_partition.get(node, -1), node=node, error=error,
