@@ -5,14 +5,17 @@ LoRA settings, alternated in one run so machine noise hits both; reported as a r
 
 * padding: share of the positions run through the model that are padding (flora's length-sorted
   micro-batches, the plain loop's in-order ones, and packing: none);
-* LoRA dropout: ``train_client`` at dropout 0.05 vs 0 (the difference is the time dropout costs);
+* LoRA dropout: ``train_client`` at dropout 0.05 with its sparse sampler (the default) and with torch's
+  ``nn.Dropout`` (``dropout_sampler = "torch"``), vs dropout 0 (the differences are the time each costs);
 * packing: ``train_client`` with each micro-batch packed into one row (position ids restart per example,
   no attention across examples: transformers' packed-sequence mask; exact: the loss of a packed micro-batch
   is checked against the padded one);
 * ``--compile``: the plain loop on ``torch.compile(model)`` (inductor, CPU), first step (compilation) apart;
 * the machine's limit: useful FLOP/s (per real token 4·N of the adapted linear layers: forward and the backward
   to the activations, frozen weights get no weight gradient; the output head 4·V·h only at target tokens;
-  causal attention 6·T²·h per layer and sequence) against the fp32 rate of a 2048² product and of products at
+  causal attention 6·T²·h per layer and sequence; the adapter's own products 6·r·(in + out) per token and
+  adapted layer: x·Aᵀ, h·Bᵀ and the backward's gradients of B, h, A and x, counted in every layer although
+  layer 0 needs no gradient of its input) against the fp32 rate of a 2048² product and of products at
   the model's own layer shapes (tokens of a micro-batch × in by in × out, and the backward's × out by out × in),
   measured in the same process.
 
@@ -84,18 +87,22 @@ def padding_shares(examples, train: TrainSpec) -> dict[str, float]:
     return {"flora_sorted": 1 - real / padded_sorted, "plain_in_order": 1 - real / padded_order, "packed": 0.0}
 
 
-def useful_flops(model, examples, train: TrainSpec, targets) -> float:
-    """Useful FLOPs of ``train``'s batches (see the module docstring)."""
+def useful_flops(model, examples, train: TrainSpec, targets, rank: int) -> dict[str, float]:
+    """Useful FLOPs of ``train``'s batches (see the module docstring): ``model`` (frozen linear layers, head at
+    targets, causal attention) and ``adapter`` (the rank-``rank`` LoRA products, forward and backward)."""
     config = model.config
-    linear = sum(o * i for o, i in layer_shapes(model, targets).values())
+    shapes = layer_shapes(model, targets).values()
+    linear = sum(o * i for o, i in shapes)
+    adapter = sum(rank * (o + i) for o, i in shapes)
     head = config.vocab_size * config.hidden_size
-    flops = 0.0
+    flops = {"model": 0.0, "adapter": 0.0}
     for indices in batch_schedule(len(examples), train.steps, train.batch_size, train.seed):
         for i in indices:
             e = examples[i]
             n = len(e.input_ids)
-            flops += 4 * linear * n + 4 * head * sum(1 for t in e.labels[1:] if t != IGNORE_INDEX)
-            flops += 6 * n * n * config.hidden_size * config.num_hidden_layers
+            flops["model"] += 4 * linear * n + 4 * head * sum(1 for t in e.labels[1:] if t != IGNORE_INDEX)
+            flops["model"] += 6 * n * n * config.hidden_size * config.num_hidden_layers
+            flops["adapter"] += 6 * adapter * n
     return flops
 
 
@@ -176,11 +183,14 @@ def main() -> None:
     examples, _ = encode_all(loaded.tokenizer, records, args.cutoff)
     lora = LoraSpec(rank=16, alpha=32, dropout=0.05)
     no_dropout = LoraSpec(rank=16, alpha=32, dropout=0.0)
+    torch_dropout = LoraSpec(rank=16, alpha=32, dropout=0.05, dropout_sampler="torch")
+    specs = {"flora": lora, "flora_torch_dropout": torch_dropout, "flora_no_dropout": no_dropout, "flora_packed": lora}
     train = TrainSpec(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=3e-4)
     model, tokenizer = loaded.model, loaded.tokenizer
     exactness = packed_exactness(model, tokenizer, examples, train)
     print(f"packed vs padded loss of one micro-batch: {exactness}", flush=True)
-    runs: dict[str, list[float]] = {"plain": [], "flora": [], "flora_no_dropout": [], "flora_packed": []}
+    runs: dict[str, list[float]] = {"plain": [], "flora": [], "flora_torch_dropout": [], "flora_no_dropout": [],
+                                    "flora_packed": []}
     seconds: dict[str, list[float]] = {k: [] for k in runs}
     for repeat in range(args.repeats):
         for name in runs:
@@ -188,7 +198,7 @@ def main() -> None:
                 took, tokens = plain_peft_loop(model, tokenizer, examples, lora, train)
             else:
                 trainer = train_packed if name == "flora_packed" else train_client
-                result = trainer(model, tokenizer, examples, no_dropout if name == "flora_no_dropout" else lora, train)
+                result = trainer(model, tokenizer, examples, specs[name], train)
                 took, tokens = result.seconds, result.tokens
             runs[name].append(tokens / took)
             seconds[name].append(took)
@@ -196,7 +206,8 @@ def main() -> None:
     compiled = measure_compile(model, tokenizer, examples, lora, train) if args.compile else None
     tokens_per_micro = statistics.mean(len(e.input_ids) for e in examples) * args.micro_batch_size
     rates = matmul_rates(model, lora.targets, int(tokens_per_micro))
-    flops = useful_flops(model, examples, train, lora.targets)
+    counted = useful_flops(model, examples, train, lora.targets, lora.rank)
+    flops = counted["model"] + counted["adapter"]
     median = {k: statistics.median(v) for k, v in seconds.items()}
     ratio = statistics.median(p / f for f, p in zip(seconds["flora"], seconds["plain"]))
     report = {"benchmark": "train", "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -207,12 +218,16 @@ def main() -> None:
               "flora_tokens_per_s": runs["flora"], "plain_peft_tokens_per_s": runs["plain"], "ratio_median": ratio,
               "ratio_vs_plain": {k: statistics.median(p / f for f, p in zip(seconds[k], seconds["plain"]))
                                  for k in seconds},
-              "dropout_share": statistics.median(1 - n / d for d, n in zip(seconds["flora"], seconds["flora_no_dropout"])),
+              "dropout_share": {k: statistics.median(1 - n / d for d, n in zip(seconds[k], seconds["flora_no_dropout"]))
+                                for k in ("flora", "flora_torch_dropout")},
               "padding_share": padding_shares(examples, train), "packed_exactness": exactness,
-              "useful_flops": flops, "useful_flops_per_s": {k: flops / v for k, v in median.items()},
+              "useful_flops": flops, "useful_flops_parts": counted,
+              "useful_flops_per_s": {k: flops / v for k, v in median.items()},
               "matmul_rates": rates, "compile": compiled}
     report["share_of_square_2048"] = {k: v / rates["square_2048"] for k, v in report["useful_flops_per_s"].items()}
     report["share_of_layer_shapes"] = {k: v / rates["layer_shapes"] for k, v in report["useful_flops_per_s"].items()}
+    report["share_of_layer_shapes_without_adapter"] = {k: counted["model"] / v / rates["layer_shapes"]
+                                                       for k, v in median.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train.json").write_text(json.dumps(report, indent=2))
     table = markdown(report, args)
@@ -252,6 +267,7 @@ def measure_compile(model, tokenizer, examples, lora: LoraSpec, train: TrainSpec
 
 def markdown(report: dict, args) -> str:
     names = {"plain": "plain peft + transformers", "flora": "flora.train.train_client",
+             "flora_torch_dropout": "train_client, torch's dropout (`dropout_sampler = \"torch\"`)",
              "flora_no_dropout": "train_client, LoRA dropout 0", "flora_packed": "train_client, packed micro-batches"}
     lines = ["| loop | tokens/s (median) | vs plain | useful GFLOP/s | of 2048² rate | of layer-shape rate |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -265,9 +281,13 @@ def markdown(report: dict, args) -> str:
               f"{args.cutoff}, rank 16, 7 targets, {report['threads']} threads).",
               f"fp32 matmul rates in this process: 2048² {rates['square_2048'] / 1e9:.1f} GFLOP/s; the model's layer shapes "
               f"({rates['tokens']} tokens × in by in × out, forward and backward) {rates['layer_shapes'] / 1e9:.1f} GFLOP/s.",
+              f"Useful FLOPs: {report['useful_flops'] / 1e12:.2f} T, of which the adapter's own products "
+              f"{report['useful_flops_parts']['adapter'] / report['useful_flops']:.1%}; without them train_client reaches "
+              f"{report['share_of_layer_shapes_without_adapter']['flora']:.0%} of the layer-shape rate.",
               f"Padding: {pad['flora_sorted']:.1%} of positions (flora, length-sorted micro-batches), "
               f"{pad['plain_in_order']:.1%} (plain loop, in order), 0 packed.",
-              f"LoRA dropout: {report['dropout_share']:.1%} of train_client's time (dropout 0.05 vs 0).",
+              f"LoRA dropout (0.05 vs 0): {report['dropout_share']['flora']:.1%} of train_client's time with the sparse "
+              f"sampler, {report['dropout_share']['flora_torch_dropout']:.1%} with torch's.",
               f"Packing: loss of a packed micro-batch vs padded: relative difference {ex['relative_difference']:.1e} "
               f"(same target tokens: {ex['same_target_count']})."]
     compiled = report.get("compile")

@@ -73,8 +73,9 @@ PROFILES = {
 
 
 def base_config(profile: str, out: Path) -> RunConfig:
+    # torch's dropout sampler: the profiles' published runs were made with it, so re-runs repeat them exactly
     return RunConfig(model="embedded", data="embedded", num_clients=10, ranks=[16], lr=5e-4, partition="dirichlet",
-                     dirichlet_alpha=0.5, out_dir=str(out), **PROFILES[profile]["settings"])
+                     dirichlet_alpha=0.5, dropout_sampler="torch", out_dir=str(out), **PROFILES[profile]["settings"])
 
 
 def plan(profile: str, out: Path) -> list[tuple[str, RunConfig, bool]]:
@@ -109,12 +110,11 @@ def plan(profile: str, out: Path) -> list[tuple[str, RunConfig, bool]]:
 
 def same_config(summary_config: dict, config: RunConfig) -> bool:
     """Whether a finished run's recorded config is ``config``. A key the summary lacks was added to
-    RunConfig after the run; it matches when ``config`` holds that key's default (every key was added with
-    a default that keeps the earlier behaviour)."""
+    RunConfig after the run; it matches when ``config`` holds the value that reproduces the earlier behaviour
+    (``RunConfig.recorded``: the key's default, or its entry in ``VALUES_BEFORE_KEY``)."""
     current = json.loads(json.dumps(config.to_dict()))
-    defaults = json.loads(json.dumps(RunConfig().to_dict()))
-    return all(summary_config[key] == value if key in summary_config else value == defaults[key]
-               for key, value in current.items()) and summary_config.keys() <= current.keys()
+    recorded = json.loads(json.dumps(RunConfig.recorded(summary_config)))
+    return all(recorded[key] == value for key, value in current.items()) and summary_config.keys() <= current.keys()
 
 
 def summary_dir(profile: str) -> Path:

@@ -17,6 +17,7 @@ from flora.lora.factors import Factors
 
 ADAPTER = "default"  # peft's adapter name
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DROPOUT_SAMPLERS = ("sparse", "torch")  # see flora/lora/dropout.py
 ADALORA_INITS = ("gaussian", "orthonormal")  # AdaLoRA's P and Q at the start (Λ = 0 either way: ΔW = 0)
 
 
@@ -25,6 +26,7 @@ class LoraSpec:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
+    dropout_sampler: str = "sparse"  # "sparse": draw only the dropped positions on CPU (flora/lora/dropout.py) | "torch"
     targets: tuple[str, ...] = DEFAULT_TARGETS
     rslora: bool = False
     freeze_a: bool = False  # FFA-LoRA: A stays at its (shared, seeded) initialisation

@@ -132,7 +132,7 @@ def load_run_model(out_dir: str | Path, client: int = 0, rounds: int | None = No
 
     checkpoint = read_checkpoint(out_dir)
     check_round(out_dir, checkpoint, rounds)
-    config = RunConfig.from_dict(checkpoint.config, f"{checkpoint_dir(out_dir) / 'state.json'}")
+    config = RunConfig.from_dict(RunConfig.recorded(checkpoint.config), f"{checkpoint_dir(out_dir) / 'state.json'}")
     loaded = load_model(config.model)
     state = GlobalState(loaded.model)
     state.apply(checkpoint.updates[:rounds], 0)
@@ -154,7 +154,7 @@ def check_round(out_dir: str | Path, checkpoint: Checkpoint, rounds: int | None)
 
 
 def _check_same_run(path: Path, saved: dict, current: dict, rounds_done: int) -> None:
-    saved = {**RunConfig().to_dict(), **saved}  # keys added since the checkpoint was written: their defaults
+    saved = RunConfig.recorded(saved)  # keys added since the checkpoint was written
     changed = sorted(k for k in set(saved) | set(current)
                      if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
     if changed:

@@ -32,6 +32,7 @@ def lora_spec(config: RunConfig, rank: int, client: int = 0) -> LoraSpec:
     # A pooled run (centralized) trains one plain LoRA whatever the per-client adapter list says.
     adapter = "lora" if config.spec.pooled else config.client_adapter(client)
     return LoraSpec(rank=rank, alpha=config.alpha_per_rank * rank, dropout=config.dropout,
+                    dropout_sampler=config.dropout_sampler,
                     targets=tuple(config.targets), freeze_a=config.spec.freeze_a, adapter=adapter,
                     target_rank=max(1, round(rank * config.adalora_target_ratio)),
                     warmup_fraction=config.adalora_warmup, final_fraction=config.adalora_final,

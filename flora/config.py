@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flora.adapters import ADALORA_INITS, ADAPTER_KINDS, DEFAULT_TARGETS
+from flora.adapters import ADALORA_INITS, ADAPTER_KINDS, DEFAULT_TARGETS, DROPOUT_SAMPLERS
 from flora.lora.methods import METHODS, MethodSpec
 from flora.lora.warm import SOURCES, SPLITS
 
@@ -20,6 +20,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("none", "8bit", "4bit")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 REPORT_TO = ("none", "tensorboard", "mlflow")
+
+
+# Keys whose default changed what a run does, with the value that reproduces runs recorded before the key
+# existed. A recorded config (checkpoint, run summary) without such a key is read with this value, not the default.
+VALUES_BEFORE_KEY = {"dropout_sampler": "torch"}
 
 
 class ConfigError(ValueError):
@@ -74,6 +79,7 @@ class RunConfig:
     adalora_orth_weight: float = 0.5  # AdaLoRA's orthogonality regulariser on P and Q (peft's default 0.5)
     alpha_per_rank: float = 2.0  # alpha_k = alpha_per_rank * r_k (the paper's scaling 2 for every rank)
     dropout: float = 0.05
+    dropout_sampler: str = "sparse"  # sparse (CPU: draw only the dropped positions, same distribution, faster) | torch
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     local_steps: int = 5
     batch_size: int = 8
@@ -174,6 +180,8 @@ class RunConfig:
         if not (0 <= self.adalora_warmup and 0 <= self.adalora_final and self.adalora_warmup + self.adalora_final < 1):
             raise ConfigError(f"adalora_warmup = {self.adalora_warmup}, adalora_final = {self.adalora_final}: "
                               f"expected fractions >= 0 with a sum < 1")
+        if self.dropout_sampler not in DROPOUT_SAMPLERS:
+            raise ConfigError(f"dropout_sampler = {self.dropout_sampler!r}: expected one of {', '.join(DROPOUT_SAMPLERS)}")
         if self.adalora_init not in ADALORA_INITS:
             raise ConfigError(f"adalora_init = {self.adalora_init!r}: expected one of {', '.join(ADALORA_INITS)}")
         if not (math.isfinite(self.adalora_orth_weight) and self.adalora_orth_weight >= 0):
@@ -255,6 +263,13 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def recorded(cls, values: dict) -> dict:
+        """A recorded run config (checkpoint, summary) completed with the keys added since it was written: each
+        at its value before it existed (``VALUES_BEFORE_KEY``), else at its default (which then kept the
+        earlier behaviour)."""
+        return {**cls().to_dict(), **VALUES_BEFORE_KEY, **values}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -27,6 +27,7 @@ from peft import get_peft_model
 from flora.adapters import ADAPTER, ADAPTER_KINDS, LoraSpec, lora_layers
 from flora.data.tokenize import Example, collate
 from flora.hardware import set_checkpointing
+from flora.lora.dropout import use_sparse_dropout
 from flora.lora.factors import Factors
 from flora.modeling import micro_batches, pad_token_id, target_loss_sum
 
@@ -76,6 +77,8 @@ def attach_adapter(model: torch.nn.Module, lora: LoraSpec, init_seed: int,
     torch.manual_seed(init_seed)
     peft_model = get_peft_model(model, kind.peft_config(lora, total_steps))
     kind.initialise(peft_model, lora)
+    if lora.dropout_sampler == "sparse":
+        use_sparse_dropout(peft_model)
     if init_factors is not None:
         set_adapter_factors(peft_model, init_factors, fill_fresh=fill_fresh)
     if lora.freeze_a:

@@ -165,6 +165,7 @@ def test_rejected_update_is_logged_and_round_goes_on(assets_dir, tmp_path, caplo
     (["method=fedit", "ranks=4", "server_lr=2"], "server_lr = 2.0: a server step applies to methods that merge"),
     (["server_lr=2", "dp_noise_multiplier=0.5", "dp_clip_norm=1", "weighting=uniform"],
      "server_lr = 2.0: with differential privacy"),
+    (["dropout_sampler=fast"], "dropout_sampler = 'fast': expected one of sparse, torch"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -280,6 +281,13 @@ def test_resume_refuses_changed_config_and_bad_checkpoints(assets_dir, tmp_path)
     metrics_before = (tmp_path / "out" / "metrics.jsonl").read_text()
     with pytest.raises(CheckpointError, match=r"lr: 0.005 -> 0.1"):
         run_in_process(tiny_config(assets_dir, tmp_path, rounds=2, lr=0.1), progress=lambda _: None, resume=True)
+    # a checkpoint written before dropout_sampler existed ran torch's dropout: resuming it with the new default
+    # would not continue the same run, so it is refused by name
+    older = json.loads(saved)
+    del older["config"]["dropout_sampler"]
+    state.write_text(json.dumps(older))
+    with pytest.raises(CheckpointError, match=r"dropout_sampler: 'torch' -> 'sparse'"):
+        run_in_process(tiny_config(assets_dir, tmp_path, rounds=2), progress=lambda _: None, resume=True)
     state.write_text(saved[: len(saved) // 2])
     with pytest.raises(CheckpointError, match="unreadable checkpoint state"):
         run_in_process(tiny_config(assets_dir, tmp_path, rounds=2), progress=lambda _: None, resume=True)

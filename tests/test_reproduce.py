@@ -92,6 +92,10 @@ def test_a_summary_from_before_a_key_existed_matches_only_at_that_keys_default(t
     assert not reproduce.same_config(recorded, reproduce.dataclasses.replace(config, warm_split="balanced"))
     assert not reproduce.same_config({**recorded, "lr": config.lr * 2}, config)
     assert not reproduce.same_config({**recorded, "retired_key": 1}, config)
+    # a key whose default changed the behaviour: an older summary is the run at the key's earlier value
+    recorded.pop("dropout_sampler")
+    assert config.dropout_sampler == "torch" and reproduce.same_config(recorded, config)
+    assert not reproduce.same_config(recorded, reproduce.dataclasses.replace(config, dropout_sampler="sparse"))
 
 
 def test_local_steps_plan_keeps_the_budget_and_runs_the_pairs_first(tmp_path):

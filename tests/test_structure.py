@@ -100,7 +100,7 @@ NOT_ASSET_FIELDS = {
     "lr_schedule", "warmup_steps", "gradient_checkpointing", "client_cpus", "client_gpus", "max_client_weight",
     "min_clients_wait", "report_to",
     "server_test_data",  # read by the server only, uncached (flora/runner.py: server_for)
-    "error_check", "eval_every", "server_lr",
+    "error_check", "eval_every", "server_lr", "dropout_sampler",
 }
 
 
