@@ -188,8 +188,10 @@ class FederationServer:
 
     # the round --------------------------------------------------------------------------------
     def aggregate_round(self, round_: int, replies: Sequence[ClientReply], bytes_down: int,
-                        started: float) -> dict:
-        """Screen → aggregate → apply → evaluate; returns (and keeps) the round's metrics record."""
+                        started: float, evaluate: bool = True) -> dict:
+        """Screen → aggregate → apply → evaluate; returns (and keeps) the round's metrics record.
+        ``evaluate = False``: the caller runs :meth:`evaluate_round` itself and adds its fields to the record
+        (the Flower skin, while the nodes evaluate)."""
         config = self.config
         aggregation_started = time.perf_counter()
         screening = self.screen(round_, replies)
@@ -213,7 +215,8 @@ class FederationServer:
         record["aggregate_seconds"] = time.perf_counter() - aggregation_started  # validation + aggregation + broadcast
         record["train_tokens"] = sum(r.tokens for r in accepted)
         record["train_seconds"] = sum(r.seconds for r in accepted)  # summed over clients (they may overlap)
-        record.update(self.evaluate_round() if self.evaluates(round_) else not_evaluated())
+        if evaluate:
+            record.update(self.evaluate_round() if self.evaluates(round_) else not_evaluated())
         record["seconds"] = time.perf_counter() - started
         self.metrics.append(record)
         return record

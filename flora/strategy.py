@@ -13,7 +13,9 @@ Wire format (``ArrayRecord`` key → tensor, keys of ``flora/codec.py``; ``Confi
   message to every connected node, with the same arrays and config as a train message (it brings the node
   up to the new global model); the reply holds metrics ``eval-loss``, ``eval-tokens``, ``eval-examples``,
   ``applied`` and config ``partition-id``, ``error``, and no arrays. The round's line in ``metrics.jsonl``
-  is written once these replies are in.
+  is written once these replies are in. The server's own evaluation (``test_loss``) runs in a thread while
+  the nodes evaluate, so a round waits for the longer of the two, not their sum: ``eval_seconds`` is the
+  server's evaluation, ``federated_eval_seconds`` the whole phase's wall time (which contains it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -57,6 +60,9 @@ class FloraStrategy(FedAvg):
         self._bytes_down = self._eval_bytes = 0
         self._sent: list[Message] = []  # this phase's (train or evaluate) messages
         self._chosen: list[int] = []  # the nodes asked to train this round
+        # the server's evaluation of a round whose nodes also evaluate: run while they do (one at a time)
+        self._evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flora-server-eval")
+        self._server_eval: Future | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -114,8 +120,10 @@ class FloraStrategy(FedAvg):
             for reply in parsed:
                 if reply.rejection is None and reply.error is None:
                     self.progress(client_line(server_round, reply))
-        record = self.server.aggregate_round(server_round, parsed, self._bytes_down, self._round_started)
-        if self.server.evaluates_clients(len(self.server.history)):
+        nodes_evaluate = self.server.evaluates_clients(server_round)
+        record = self.server.aggregate_round(server_round, parsed, self._bytes_down, self._round_started,
+                                             evaluate=not nodes_evaluate)
+        if nodes_evaluate:
             return ArrayRecord(), None  # the round's record is complete after aggregate_evaluate
         return ArrayRecord(), self._round_done(record)
 
@@ -134,11 +142,15 @@ class FloraStrategy(FedAvg):
             return []
         self._eval_started = time.perf_counter()
         self._sent, self._eval_bytes = self._messages(self._chosen, len(self.server.history), "evaluate")
+        # the messages are built (they read the history); the model is the server's alone until the phase ends
+        self._server_eval = self._evaluator.submit(self.server.evaluate_round)
         return self._sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if not self.server.evaluates_clients(len(self.server.history)):
             return None
+        server_eval, self._server_eval = self._server_eval, None
+        self.server.metrics[-1].update(server_eval.result())  # its error, if any, is raised here
         parsed = self._screen(replies, EvalReply, self._decode_eval, self._eval_failed)
         record = self.server.record_evaluation(len(self.server.history), parsed, self._eval_bytes,
                                                time.perf_counter() - self._eval_started)
