@@ -146,3 +146,33 @@ def catch_up(history: History, start: int, keep_newest: bool = False) -> tuple[i
     if not history.fold or len(entries) <= (2 if keep_newest else 1):
         return first, entries
     return first, ([collapse(entries[:-1]), entries[-1]] if keep_newest else [collapse(entries)])
+
+
+def node_history(held: Sequence[RoundUpdate], first: int, updates: Sequence[RoundUpdate],
+                 fold: bool = True) -> list[RoundUpdate] | None:
+    """The entries a deployed node keeps between messages to rebuild its global state in a new process.
+
+    ``held`` covers history indices ``[0, n)``; the message brings ``updates`` from ``first`` on. They are taken
+    as :meth:`flora.rounds.GlobalState.apply` takes them: entries already held are skipped, an entry from index
+    0 over part of what is held (the server's folded history) starts over from the base, the rest is appended.
+    Where the history folds (every method but the warm-starting ones) the result is collapsed into one entry
+    (:func:`collapse`): it weighs no more than the smaller of the rounds' updates and one dense delta (plus the
+    last adapter) however many rounds ran, and a new process applies one entry. None where the message cannot
+    follow what is held (it starts past it, or an entry covers part of it from a later index)."""
+    kept = list(held)
+    count = sum(u.span for u in kept)
+    if first > count:
+        return None
+    index = first
+    for update in updates:
+        end = index + update.span
+        if end <= count:
+            index = end
+            continue
+        if index < count:
+            if index > 0:
+                return None
+            kept, count = [], 0
+        kept.append(update)
+        count = index = end
+    return [collapse(kept)] if fold and len(kept) > 1 else kept

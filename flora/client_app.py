@@ -6,13 +6,16 @@ deployment ``data-path`` (its own data file or `datasets` directory) with an opt
 
 A deployed SuperNode starts a new ClientApp process for every message, so the round updates the node holds
 (what the server's catch-up counts on) live in Flower's ``context.state`` (``flora-history``), which the
-SuperNode keeps for the run: a new process re-applies them before the message's own. A simulated node's
+SuperNode keeps for the run: a new process re-applies them before the message's own. They are kept collapsed
+into one entry (``flora/catchup.py: node_history``; whole for warm-starting methods), so that state stays
+bounded over a long run. A simulated node's
 process lives for the whole run and keeps them in memory (``PROCESS_RUNTIME``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import NamedTuple
 
@@ -21,12 +24,14 @@ from flwr.clientapp import ClientApp
 
 from flora.audit import install_open_log
 from flora.client import FederationClient
-from flora.codec import factors_to_tensors, updates_from_tensors
+from flora.catchup import node_history
+from flora.codec import factors_to_tensors, updates_from_tensors, updates_to_tensors
 from flora.config import RunConfig
 from flora.progress import step_printer
 from flora.runtime import PROCESS_RUNTIME
 
 app = ClientApp()
+log = logging.getLogger("flora")
 install_open_log("client")
 
 
@@ -39,7 +44,7 @@ class Payload(NamedTuple):
     first: int  # history index of the first catch-up update
     updates: list
     source: dict  # FederationClient's data_path / data_format keywords
-    tensors: dict  # the message's arrays, decoded once (a deployed node keeps them in context.state)
+    held: list  # a deployed node: the entries its context.state held before this message (decoded once)
 
 
 def _payload(msg: Message, context: Context) -> Payload:
@@ -52,16 +57,18 @@ def _payload(msg: Message, context: Context) -> Payload:
     tensors = arrays.to_torch_state_dict() if len(arrays) else {}
     updates = updates_from_tensors(tensors, first, count)
     node = context.node_config
+    held = []
     if node.get("data-path"):  # a deployed node: a new process for every message
-        _restore_history(context, config)
+        held = _restore_history(context, config)
     source = {"data_path": str(node["data-path"]) if node.get("data-path") else None,
               "data_format": str(node.get("format") or "auto")}
-    return Payload(config, int(node["partition-id"]), first, updates, source, tensors)
+    return Payload(config, int(node["partition-id"]), first, updates, source, held)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config, partition_id, first, updates, source, tensors = _payload(msg, context)
+    payload = _payload(msg, context)
+    config, partition_id, first, updates, source, _ = payload
     # Deployment: each SuperNode may set its own rank with --node-config "lora-rank=16".
     rank = int(context.node_config["lora-rank"]) if "lora-rank" in context.node_config else None
     client = FederationClient(config, PROCESS_RUNTIME)  # the assets and global state this process keeps
@@ -69,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
     reply = client.train(partition_id, str(context.node_id), server_round, first, updates, rank=rank, **source,
                          on_step=None if config.dp_enabled else  # DP: no per-client statistic in shared logs
                          step_printer(server_round, config.rounds, partition_id))
-    _remember_history(tensors, context, config)
+    _remember_history(payload, context)
     used_rank = rank or config.client_rank(partition_id)
     content = RecordDict({
         "arrays": ArrayRecord(torch_state_dict=factors_to_tensors(reply.factors)) if reply.factors else ArrayRecord(),
@@ -83,10 +90,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation: the global model's loss on this node's own held-out split, and its token count."""
-    config, partition_id, first, updates, source, tensors = _payload(msg, context)
+    payload = _payload(msg, context)
+    config, partition_id, first, updates, source, _ = payload
     client = FederationClient(config, PROCESS_RUNTIME)
     reply = client.evaluate(partition_id, str(context.node_id), first, updates, **source)
-    _remember_history(tensors, context, config)
+    _remember_history(payload, context)
     content = RecordDict({
         "metrics": MetricRecord({"eval-loss": reply.loss if math.isfinite(reply.loss) else 0.0,
                                  "eval-tokens": reply.tokens, "eval-examples": reply.examples,
@@ -101,24 +109,32 @@ def _history_count(context: Context) -> int:
     return int(context.state[HISTORY_COUNT]["count"]) if HISTORY_COUNT in context.state else 0
 
 
-def _restore_history(context: Context, config: RunConfig) -> None:
-    """Re-apply the round updates this node held after its last message (a new process holds none)."""
-    state = PROCESS_RUNTIME.client_state(config)
+def _restore_history(context: Context, config: RunConfig) -> list:
+    """Re-apply the round updates this node held after its last message (a new process holds none); returns
+    them."""
     count = _history_count(context)
+    held = updates_from_tensors(context.state[HISTORY].to_torch_state_dict(), 0, count) if count else []
+    state = PROCESS_RUNTIME.client_state(config)
     if state.applied < count:
-        state.apply(updates_from_tensors(context.state[HISTORY].to_torch_state_dict(), 0, count), 0)
+        state.apply(held, 0)
+    return held
 
 
-def _remember_history(tensors: dict, context: Context, config: RunConfig) -> None:
-    """Keep in ``context.state`` every round update this node now holds (a deployed node only): those it held,
-    and those of the message's ``tensors`` it did not."""
+def _remember_history(payload: Payload, context: Context) -> None:
+    """Keep in ``context.state`` what this node now holds (a deployed node only): the entries it held and those
+    of the message it did not, collapsed where the history folds (:func:`flora.catchup.node_history`), so the
+    state stays within about one dense delta however many rounds run and a new process re-applies one entry."""
     if not context.node_config.get("data-path"):
         return
+    config = payload.config
     applied = PROCESS_RUNTIME.client_state(config).applied
     count = _history_count(context)
     if applied <= count:
         return
-    kept = context.state[HISTORY].to_torch_state_dict() if count else {}
-    new = {key: tensor for key, tensor in tensors.items() if count <= int(key.split(".", 1)[0][1:]) < applied}
-    context.state[HISTORY] = ArrayRecord(torch_state_dict={**kept, **new})
+    kept = node_history(payload.held, payload.first, payload.updates, fold=not config.spec.warm_start)
+    if kept is None or sum(u.span for u in kept) != applied:  # the process could not take the message whole
+        log.warning("node %s: the message's updates from %d do not follow the %d it held; its kept history is "
+                    "left as it was", context.node_id, payload.first, count)
+        return
+    context.state[HISTORY] = ArrayRecord(torch_state_dict=updates_to_tensors(kept, 0, None))
     context.state[HISTORY_COUNT] = ConfigRecord({"count": applied})

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from flora.checkpoint import read_checkpoint
-from flora.catchup import History, catch_up, collapse, collapse_merges, dense_model_bytes, stored_bytes
+from flora.catchup import (History, catch_up, collapse, collapse_merges, dense_model_bytes, node_history,
+                           stored_bytes)
 from flora.codec import updates_from_tensors, updates_to_tensors
 from flora.config import RunConfig
 from flora.engines import run_in_process
@@ -145,6 +146,52 @@ def test_warm_methods_keep_every_round():
     for t in range(1, 8):
         history.append(random_update(t, rank=4))
     assert len(history.entries) == 7 and [u.span for u in catch_up(history, 2)[1]] == [1] * 5
+
+
+def test_a_deployed_node_keeps_one_bounded_entry_and_rebuilds_the_global_weights_in_every_new_process():
+    """A deployed node starts a new process for every message: it re-applies what it kept (encoded, as in
+    Flower's context.state), then the message, then keeps ``node_history`` of both. It takes part in rounds
+    1-5, misses 6-29 (the server folds them into its base, so the node's catch-up starts over from index 0 over
+    part of what it holds), then every round to 40."""
+    history = History(dense_model_bytes(SHAPES))
+    updates = [random_update(t, rank=1 + t % 3, adapter=t % 4 == 0) for t in range(1, 41)]
+    base = weights(toy_model())
+    kept_tensors, kept_count, restarts = {}, 0, 0
+    for t, update in enumerate(updates, start=1):
+        history.append(update)
+        if 5 < t < 30:
+            continue
+        first, entries = catch_up(history, kept_count)
+        model = toy_model()
+        process = GlobalState(model, reload=lambda: model.load_state_dict(base))
+        held = updates_from_tensors(kept_tensors, 0, kept_count)
+        process.apply(held, 0)
+        restarts += first == 0 and kept_count > 0
+        process.apply(entries, first)
+        kept = node_history(held, first, entries)
+        assert len(kept) == 1 and kept[0].span == process.applied == t
+        kept_tensors, kept_count = updates_to_tensors(kept, 0, None), process.applied
+        # bounded: one dense delta at most, plus the last adapter, whatever the number of rounds
+        adapter = sum(nbytes(f) for f in (kept[0].adapter or {}).values())
+        assert sum(v.numel() * v.element_size() for k, v in kept_tensors.items() if ".m." in k) <= history.dense_bytes
+        assert kept[0].nbytes(None) <= history.dense_bytes + adapter
+        # a new process rebuilds exactly what this one holds: the global weights and the latest adapter
+        rebuilt = GlobalState(toy_model())
+        rebuilt.apply(updates_from_tensors(kept_tensors, 0, kept_count), 0)
+        assert_close(weights(rebuilt.model), weights(process.model))
+        assert_close(weights(rebuilt.model), sequential(updates[:t]))
+        latest = next(u.adapter for u in reversed(updates[:t]) if u.adapter is not None) if t >= 4 else None
+        assert (rebuilt.adapter is None) == (latest is None)
+        if latest is not None:
+            assert all(torch.equal(rebuilt.adapter[n][0], latest[n][0]) for n in latest)
+    assert restarts == 1  # the return after round 29 started over from the base
+    # entries it already holds are skipped; one that cannot follow what it holds is refused (None)
+    tail = random_update(41, rank=2)
+    assert [u.span for u in node_history(kept, 38, [updates[38], updates[39], tail])] == [41]
+    assert node_history(kept, 40, [tail]) is not None and node_history(kept, 41, [tail]) is None  # a gap
+    assert node_history(kept, 20, [collapse(updates[20:40] + [tail])]) is None  # part of what it holds, not from 0
+    assert node_history(kept, 20, [collapse(updates[20:40])]) == kept  # all of it held: skipped
+    assert [u.span for u in node_history(kept, 40, [tail], fold=False)] == [40, 1]  # warm methods: kept whole
 
 
 # --- a federation of many registered clients, a few sampled ---------------------------------------------
