@@ -147,10 +147,7 @@ def run_flower_simulation(config: RunConfig, resume: bool = False, progress: Cal
     ``flora/adversary.py`` in the robustness tests). ``progress`` gets the run's lines (per-client step lines
     become progress bars on a terminal), ``quiet`` keeps only the round lines. ``checked``: the caller ran
     :func:`preflight`."""
-    if not checked:
-        preflight(config, resume)
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     log_path = out / "flower.log"
     view = ProgressView(progress, quiet=quiet)
     with tempfile.TemporaryDirectory(prefix="flora-flower-") as tmp:
@@ -164,10 +161,17 @@ def run_flower_simulation(config: RunConfig, resume: bool = False, progress: Cal
         command = [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                    "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
                    "--control-api-address", f"127.0.0.1:{_free_port()}"]
-        with link_log.open("w") as link_out, log_path.open("a" if resume else "w") as log:
+        with link_log.open("w") as link_out:
+            # the SuperLink starts (seconds) while this process checks the run's input; nothing is submitted
+            # to it before that check passes, and it is stopped if it fails
             link = subprocess.Popen(command, env=env, stdout=link_out, stderr=subprocess.STDOUT,
                                     cwd=os.getcwd(), start_new_session=True)
+            log = None
             try:
+                if not checked:
+                    preflight(config, resume)
+                out.mkdir(parents=True, exist_ok=True)
+                log = log_path.open("a" if resume else "w")
                 _wait_ready(link, port, link_log)
                 federation = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                                       for k, v in federation_config(config).items())
@@ -187,7 +191,9 @@ def run_flower_simulation(config: RunConfig, resume: bool = False, progress: Cal
             finally:
                 view.close()
                 _stop(link)
-                log.write(link_log.read_text(errors="replace")[-20000:] if link_log.exists() else "")
+                if log is not None:
+                    log.write(link_log.read_text(errors="replace")[-20000:] if link_log.exists() else "")
+                    log.close()
     rounds = _rounds_written(out)
     if rounds < config.rounds:
         raise SystemExit(f"flora run: the Flower simulation finished {rounds} of {config.rounds} rounds; "

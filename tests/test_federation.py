@@ -202,6 +202,20 @@ def test_flower_codec_roundtrip():
     torch.testing.assert_close(factors["a.b"][1], B)
 
 
+def test_flower_path_rejects_bad_input_before_submitting_and_stops_its_superlink(assets_dir, tmp_path):
+    """The SuperLink starts while the input is checked; a bad data file is an error naming it, nothing was
+    submitted (no out dir), and no SuperLink is left running."""
+    import psutil
+
+    from flora.simulation import run_flower_simulation
+
+    config = tiny_config(assets_dir, tmp_path, data=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(Exception, match="missing.jsonl"):
+        run_flower_simulation(config, progress=lambda _: None)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in psutil.Process().children(recursive=True) if "superlink" in " ".join(p.cmdline())]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, dict(dp_noise_multiplier=0.5, dp_clip_norm=0.05, dp_noise_seed=1,
                                                weighting="uniform"), dict(method="fedplora")],
