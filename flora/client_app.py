@@ -8,7 +8,8 @@ A deployed SuperNode starts a new ClientApp process for every message, so the ro
 (what the server's catch-up counts on) live in Flower's ``context.state`` (``flora-history``), which the
 SuperNode keeps for the run: a new process re-applies them before the message's own. They are kept collapsed
 into one entry (``flora/catchup.py: node_history``; whole for warm-starting methods), so that state stays
-bounded over a long run. A simulated node's
+bounded over a long run. A per-client method's node (standalone) also keeps there the adapter it trained
+(``flora-own-adapter``), which never leaves it, so the next process continues and evaluates with it. A simulated node's
 process lives for the whole run and keeps them in memory (``PROCESS_RUNTIME``).
 """
 
@@ -25,7 +26,7 @@ from flwr.clientapp import ClientApp
 from flora.audit import install_open_log
 from flora.client import FederationClient
 from flora.catchup import node_history
-from flora.codec import factors_to_tensors, updates_from_tensors, updates_to_tensors
+from flora.codec import factors_from_tensors, factors_to_tensors, updates_from_tensors, updates_to_tensors
 from flora.config import RunConfig
 from flora.progress import step_printer
 from flora.runtime import PROCESS_RUNTIME
@@ -36,6 +37,7 @@ install_open_log("client")
 
 
 HISTORY, HISTORY_COUNT = "flora-history", "flora-history-count"
+OWN_ADAPTER = "flora-own-adapter"  # a deployed node of a per-client method (standalone): the adapter it continues
 
 
 class Payload(NamedTuple):
@@ -59,7 +61,7 @@ def _payload(msg: Message, context: Context) -> Payload:
     node = context.node_config
     held = []
     if node.get("data-path"):  # a deployed node: a new process for every message
-        held = _restore_history(context, config)
+        held = _restore_history(context, config, int(node["partition-id"]))
     source = {"data_path": str(node["data-path"]) if node.get("data-path") else None,
               "data_format": str(node.get("format") or "auto")}
     return Payload(config, int(node["partition-id"]), first, updates, source, held)
@@ -77,6 +79,7 @@ def train(msg: Message, context: Context) -> Message:
                          on_step=None if config.dp_enabled else  # DP: no per-client statistic in shared logs
                          step_printer(server_round, config.rounds, partition_id))
     _remember_history(payload, context)
+    _remember_own_adapter(payload, context)
     used_rank = rank or config.client_rank(partition_id)
     content = RecordDict({
         "arrays": ArrayRecord(torch_state_dict=factors_to_tensors(reply.factors)) if reply.factors else ArrayRecord(),
@@ -109,15 +112,27 @@ def _history_count(context: Context) -> int:
     return int(context.state[HISTORY_COUNT]["count"]) if HISTORY_COUNT in context.state else 0
 
 
-def _restore_history(context: Context, config: RunConfig) -> list:
-    """Re-apply the round updates this node held after its last message (a new process holds none); returns
-    them."""
+def _restore_history(context: Context, config: RunConfig, partition_id: int) -> list:
+    """Re-apply the round updates this node held after its last message (a new process holds none), and put
+    back its own adapter (a per-client method's, which never leaves the node); returns the updates."""
     count = _history_count(context)
     held = updates_from_tensors(context.state[HISTORY].to_torch_state_dict(), 0, count) if count else []
     state = PROCESS_RUNTIME.client_state(config)
     if state.applied < count:
         state.apply(held, 0)
+    if OWN_ADAPTER in context.state and partition_id not in state.client_adapters:
+        state.client_adapters[partition_id] = factors_from_tensors(context.state[OWN_ADAPTER].to_torch_state_dict())
     return held
+
+
+def _remember_own_adapter(payload: Payload, context: Context) -> None:
+    """A deployed node of a per-client method keeps the adapter it trained in ``context.state``: the next
+    message's process continues it (and evaluates with it) instead of starting a fresh one."""
+    if not (context.node_config.get("data-path") and payload.config.spec.per_client_models):
+        return
+    own = PROCESS_RUNTIME.client_state(payload.config).client_adapters.get(payload.partition_id)
+    if own is not None:
+        context.state[OWN_ADAPTER] = ArrayRecord(torch_state_dict=factors_to_tensors(own))
 
 
 def _remember_history(payload: Payload, context: Context) -> None:

@@ -286,3 +286,48 @@ def test_deploy_keys_make_a_verifiable_chain_and_flower_readable_node_keys(tmp_p
     key = load_ssh_private_key(private.read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
+
+
+def test_a_deployed_standalone_node_keeps_its_own_adapter_across_processes(assets_dir, tmp_path, monkeypatch):
+    """A SuperNode starts a new ClientApp process for every message. A per-client method's node (standalone)
+    must continue, and evaluate with, the adapter it trained, which never leaves it: a new process evaluating
+    the same round gives the same loss as the process that trained, not the base model's."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import flora.client_app as client_app
+    from flora.config import RunConfig
+    from flora.runtime import Runtime
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    config = RunConfig.from_dict(dict(
+        model=str(assets_dir / "model"), data=str(assets_dir / "data.jsonl"), method="standalone", num_clients=3,
+        ranks=[4], rounds=2, local_steps=3, batch_size=4, micro_batch_size=2, lr=5e-2, cutoff=64, max_examples=0,
+        client_eval_examples=8, dropout=0.0, out_dir=str(tmp_path / "out")))
+
+    def message(kind: str, count: int) -> Message:
+        meta = ConfigRecord({"flora-config": config.to_json(), "first-index": 0, "num-updates": count,
+                             "server-round": 1, "truncated-rank": 0})
+        return Message(content=RecordDict({"arrays": ArrayRecord(), "config": meta}), dst_node_id=7,
+                       message_type=kind)
+
+    def node(state: RecordDict) -> Context:
+        return Context(run_id=1, node_id=7, state=state, run_config={},
+                       node_config={"partition-id": 0, "num-partitions": 3, "data-path": str(assets_dir / "data.jsonl")})
+
+    def loss(reply: Message) -> float:
+        assert reply.content["config"]["error"] == ""
+        return float(reply.content["metrics"]["eval-loss"])
+
+    context = node(RecordDict())
+    monkeypatch.setattr(client_app, "PROCESS_RUNTIME", Runtime())
+    assert client_app.train(message("train", 0), context).content["config"]["error"] == ""
+    trained = loss(client_app.evaluate(message("evaluate", 1), context))  # round 1's update: no merge
+    monkeypatch.setattr(client_app, "PROCESS_RUNTIME", Runtime())  # the next message's new process
+    again = loss(client_app.evaluate(message("evaluate", 1), context))
+    monkeypatch.setattr(client_app, "PROCESS_RUNTIME", Runtime())
+    base = loss(client_app.evaluate(message("evaluate", 1), node(RecordDict())))  # a node that trained nothing
+    assert again == pytest.approx(trained, rel=1e-6)
+    assert abs(trained - base) > 1e-3
