@@ -288,46 +288,110 @@ def test_deploy_keys_make_a_verifiable_chain_and_flower_readable_node_keys(tmp_p
     assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
 
 
-def test_a_deployed_standalone_node_keeps_its_own_adapter_across_processes(assets_dir, tmp_path, monkeypatch):
-    """A SuperNode starts a new ClientApp process for every message. A per-client method's node (standalone)
-    must continue, and evaluate with, the adapter it trained, which never leaves it: a new process evaluating
-    the same round gives the same loss as the process that trained, not the base model's."""
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+# --- a deployed node's ClientApp, called directly: a fresh Runtime stands for each message's new process -------
+
+def _as_flower_task(monkeypatch) -> None:
     from flwr.supercore.task_identity import TaskIdentity
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
 
+
+def _message(config, kind: str, first: int, count: int, tensors: dict | None = None):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+    meta = ConfigRecord({"flora-config": config.to_json(), "first-index": first, "num-updates": count,
+                         "server-round": first + 1, "truncated-rank": 0})
+    arrays = ArrayRecord(torch_state_dict=tensors) if tensors else ArrayRecord()
+    return Message(content=RecordDict({"arrays": arrays, "config": meta}), dst_node_id=1, message_type=kind)
+
+
+def _deployed_node(assets_dir, state=None):
+    from flwr.app import Context, RecordDict
+    return Context(run_id=1, node_id=1, state=state if state is not None else RecordDict(), run_config={},
+                   node_config={"partition-id": 0, "num-partitions": 3, "data-path": str(assets_dir / "data.jsonl")})
+
+
+def _new_process(monkeypatch):
     import flora.client_app as client_app
-    from flora.config import RunConfig
     from flora.runtime import Runtime
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    config = RunConfig.from_dict(dict(
-        model=str(assets_dir / "model"), data=str(assets_dir / "data.jsonl"), method="standalone", num_clients=3,
-        ranks=[4], rounds=2, local_steps=3, batch_size=4, micro_batch_size=2, lr=5e-2, cutoff=64, max_examples=0,
-        client_eval_examples=8, dropout=0.0, out_dir=str(tmp_path / "out")))
-
-    def message(kind: str, count: int) -> Message:
-        meta = ConfigRecord({"flora-config": config.to_json(), "first-index": 0, "num-updates": count,
-                             "server-round": 1, "truncated-rank": 0})
-        return Message(content=RecordDict({"arrays": ArrayRecord(), "config": meta}), dst_node_id=7,
-                       message_type=kind)
-
-    def node(state: RecordDict) -> Context:
-        return Context(run_id=1, node_id=7, state=state, run_config={},
-                       node_config={"partition-id": 0, "num-partitions": 3, "data-path": str(assets_dir / "data.jsonl")})
-
-    def loss(reply: Message) -> float:
-        assert reply.content["config"]["error"] == ""
-        return float(reply.content["metrics"]["eval-loss"])
-
-    context = node(RecordDict())
     monkeypatch.setattr(client_app, "PROCESS_RUNTIME", Runtime())
-    assert client_app.train(message("train", 0), context).content["config"]["error"] == ""
-    trained = loss(client_app.evaluate(message("evaluate", 1), context))  # round 1's update: no merge
-    monkeypatch.setattr(client_app, "PROCESS_RUNTIME", Runtime())  # the next message's new process
-    again = loss(client_app.evaluate(message("evaluate", 1), context))
-    monkeypatch.setattr(client_app, "PROCESS_RUNTIME", Runtime())
-    base = loss(client_app.evaluate(message("evaluate", 1), node(RecordDict())))  # a node that trained nothing
+    return client_app
+
+
+def _node_config(assets_dir, tmp_path, **overrides):
+    from flora.config import RunConfig
+    values = dict(model=str(assets_dir / "model"), data=str(assets_dir / "data.jsonl"), num_clients=3, ranks=[4],
+                  rounds=40, local_steps=3, batch_size=4, micro_batch_size=2, lr=5e-2, cutoff=64, max_examples=0,
+                  client_eval_examples=4, dropout=0.0, out_dir=str(tmp_path / "out"))
+    return RunConfig.from_dict({**values, **overrides})
+
+
+def _eval_loss(reply) -> float:
+    assert reply.content["config"]["error"] == ""
+    return float(reply.content["metrics"]["eval-loss"])
+
+
+def test_a_deployed_standalone_node_keeps_its_own_adapter_across_processes(assets_dir, tmp_path, monkeypatch):
+    """A per-client method's node (standalone) must continue, and evaluate with, the adapter it trained, which
+    never leaves it: a new process evaluating the same round gives the same loss as the process that trained,
+    not the base model's."""
+    _as_flower_task(monkeypatch)
+    config = _node_config(assets_dir, tmp_path, method="standalone", rounds=2, client_eval_examples=8)
+    context = _deployed_node(assets_dir)
+    client_app = _new_process(monkeypatch)
+    assert client_app.train(_message(config, "train", 0, 0), context).content["config"]["error"] == ""
+    trained = _eval_loss(client_app.evaluate(_message(config, "evaluate", 0, 1), context))  # round 1: no merge
+    again = _eval_loss(_new_process(monkeypatch).evaluate(_message(config, "evaluate", 0, 1), context))
+    base = _eval_loss(_new_process(monkeypatch).evaluate(_message(config, "evaluate", 0, 1),
+                                                         _deployed_node(assets_dir)))  # a node that trained nothing
     assert again == pytest.approx(trained, rel=1e-6)
     assert abs(trained - base) > 1e-3
+
+
+def test_a_deployed_node_rebuilds_the_global_weights_from_its_bounded_state(assets_dir, tmp_path, monkeypatch):
+    """Evaluate messages built by the server's own catch-up over 12 rounds of random FLoRA-style merges; the node
+    takes part in rounds 1-2 and 11-12 (the server folds 3-10 into its history's base meanwhile, so its return
+    starts over from index 0). After every message a new process rebuilt from context.state holds the global
+    weights, and what the node keeps stays one entry of at most one dense delta."""
+    import torch
+
+    from flora.catchup import History, catch_up, dense_model_bytes
+    from flora.codec import updates_to_tensors
+    from flora.modeling import layer_shapes
+    from flora.rounds import RoundUpdate
+
+    _as_flower_task(monkeypatch)
+    config = _node_config(assets_dir, tmp_path, rounds=12)
+    client_app = _new_process(monkeypatch)
+    model = client_app.PROCESS_RUNTIME.client_state(config).model
+    base = {name: model.get_submodule(name).weight.detach().double().clone()
+            for name in layer_shapes(model, config.targets)}
+    history = History(dense_model_bytes(layer_shapes(model, config.targets)))
+    generator = torch.Generator().manual_seed(0)
+    reference = dict(base)
+    context, applied = _deployed_node(assets_dir), 0
+    for t in range(1, 13):
+        update = RoundUpdate(round=t)
+        for name, (out_dim, in_dim) in layer_shapes(model, config.targets).items():
+            A, B = torch.randn(6, in_dim, generator=generator) * 0.02, torch.randn(out_dim, 6, generator=generator) * 0.02
+            update.merge[name] = (A, B)
+            reference[name] = reference[name] + B.double() @ A.double()
+        history.append(update)
+        if 2 < t < 11:
+            continue
+        first, entries = catch_up(history, applied)
+        tensors = updates_to_tensors(entries, first, None)
+        process = _new_process(monkeypatch)
+        _eval_loss(process.evaluate(_message(config, "evaluate", first, t - first, tensors), context))
+        applied = process.PROCESS_RUNTIME.client_state(config).applied
+        assert applied == t and int(context.state["flora-history-count"]["count"]) == t
+        kept = context.state["flora-history"].to_torch_state_dict()
+        assert "u0.span" in kept or t == 1  # one entry from index 0 standing for every round
+        assert sum(v.numel() * v.element_size() for v in kept.values()) <= history.dense_bytes + 8
+        rebuilt = _new_process(monkeypatch)
+        rebuilt._restore_history(context, config, 0)
+        weights = rebuilt.PROCESS_RUNTIME.client_state(config).model
+        for name, expected in reference.items():
+            ours = weights.get_submodule(name).weight.detach().double()
+            assert float((ours - expected).norm()) <= 1e-5 * float(expected.norm()), (t, name)
+    assert history.base_span > 2  # the server really folded past the node
