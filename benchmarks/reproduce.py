@@ -53,14 +53,14 @@ HETEROGENEOUS_METHODS = ["flora", "zeropad", "flexlora", "raflora", "fedplora", 
 # The runs every seed gets, per setting; FLoRA (first) is paired with each of the others.
 KEY_PAIRS = {"homogeneous": ("flora", "fedit", "fedex", "florana", "flora-warm"),
              "heterogeneous": ("flora", "zeropad", "raflora", "fedplora", "flora-warm")}
-NEW_METHODS = ("florana", "raflora", "fedplora")
+NEW_METHODS = ("florana", "raflora", "fedplora")  # issue 22's peers: each setting's best of them is a reference too
 # the step-size control (mixed ranks): (method, server_lr, seeds); flora-warm at 4 asks whether the warm start
 # still helps once the step is as large as the peers'
 SERVER_STEP_RUNS = (("flora", 2.0, (0,)), ("flora", 4.0, (0, 1, 2)), ("flora-warm", 4.0, (0, 1, 2)))
 # paired differences of the control (heterogeneous; names as in SETTING-NAME-sSEED)
 STEP_COMPARISONS = (("flora-lr4", "fedplora"), ("flora-lr4", "raflora"), ("flora-warm-lr4", "flora-lr4"),
                     ("flora-warm-lr4", "fedplora"), ("flora-warm-lr4", "raflora"))
-WARM = "flora-warm"  # issue 20's exact warm restart: paired with every other key run too  # issue 22's peers: each setting's best of them is a reference too
+WARM = "flora-warm"  # issue 20's exact warm restart: paired with every other key run too
 
 PROFILES = {
     "quick": dict(settings=dict(rounds=2, local_steps=1, batch_size=2, micro_batch_size=2, cutoff=128,

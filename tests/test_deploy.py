@@ -319,11 +319,9 @@ def _new_process(monkeypatch):
 
 
 def _node_config(assets_dir, tmp_path, **overrides):
-    from flora.config import RunConfig
-    values = dict(model=str(assets_dir / "model"), data=str(assets_dir / "data.jsonl"), num_clients=3, ranks=[4],
-                  rounds=40, local_steps=3, batch_size=4, micro_batch_size=2, lr=5e-2, cutoff=64, max_examples=0,
-                  client_eval_examples=4, dropout=0.0, out_dir=str(tmp_path / "out"))
-    return RunConfig.from_dict({**values, **overrides})
+    from test_federation import tiny_config
+    return tiny_config(assets_dir, tmp_path, **{"ranks": [4], "local_steps": 3, "lr": 5e-2, "client_eval_examples": 4,
+                                                **overrides})
 
 
 def _eval_loss(reply) -> float:
